@@ -1,0 +1,49 @@
+"""Records: the one place results are written and read.
+
+A cell's `records.jsonl` holds one long row per model x method x ratio x stage x task x metric. Every file is
+written atomically (temp file + rename), so a kill never leaves a partial file and a cell whose records exist is
+finished.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterable
+
+RECORDS = "records.jsonl"
+
+
+def write_atomic(path: Path, data: str | bytes) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: Path, obj) -> None:
+    write_atomic(path, json.dumps(obj, indent=2) + "\n")
+
+
+def write_records(path: Path, rows: Iterable[dict]) -> None:
+    write_atomic(path, "".join(json.dumps(r, sort_keys=False) + "\n" for r in rows))
+
+
+def load_records(root: str | Path):
+    """Every records.jsonl below `root` as one DataFrame (empty if none)."""
+    import pandas as pd
+
+    rows = []
+    for path in sorted(Path(root).rglob(RECORDS)):
+        rows += [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return pd.DataFrame(rows)

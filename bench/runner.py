@@ -1,0 +1,133 @@
+"""One cell, start to finish: load -> budget -> calibrate -> score (cached) -> plan -> prune -> evaluate -> record.
+
+    python -m bench model=smollm2-135m method=depth_taylor ratio=0.2
+
+Writes to <out_dir>/<model>/<method>/r<ratio>/ (dense: r0):
+    config.yaml    the resolved config
+    calib.pt       calibration token ids, LongTensor [n, seq_len] (to re-check the scores)
+    scores.csv     per-unit scores (depth: columns block, score; lower = less important)
+    plan.json      the decision (depth: removed and kept block indices)
+    records.jsonl  one row per stage x task x metric, with provenance; its presence marks the cell done
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import platform
+import time
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+import bench
+from bench import BenchError
+from bench.budget import achieved, resolve_budget
+from bench.data import calibration_ids
+from bench.evals import STAGES
+from bench.methods import build_method
+from bench.models import count_params, load_model
+from bench.records import RECORDS, write_atomic, write_json, write_records
+
+log = logging.getLogger("bench.run")
+
+
+def cell_dir(cfg, label: str, ratio: float) -> Path:
+    return Path(cfg.out_dir) / cfg.model.name / label / f"r{ratio:g}"
+
+
+def provenance(cfg, device, dtype) -> dict:
+    import transformers
+
+    return {"seed": int(cfg.seed), "device": str(device), "device_name": torch.cuda.get_device_name(device)
+            if device.type == "cuda" else platform.processor() or platform.machine(), "dtype": str(dtype).replace(
+            "torch.", ""), "torch": torch.__version__, "transformers": transformers.__version__,
+            "bench": bench.__version__, "python": platform.python_version()}
+
+
+def cached_scores(cfg, method, model, calib_ids) -> tuple[list[float], bool]:
+    """Scores from the on-disk cache keyed by (model, dtype, criterion, calibration tokens), else computed and
+    stored. Returns (scores, hit)."""
+    mcfg = OmegaConf.to_container(cfg.model, resolve=True)
+    key = {"model": {k: mcfg.get(k) for k in ("name", "source", "path", "init_seed", "gguf")},
+           "dtype": str(model.dtype), "device": model.device.type, "method": method.score_key()}
+    h = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode())
+    if calib_ids is not None:
+        h.update(calib_ids.numpy().tobytes())
+    path = Path(cfg.cache_dir) / "scores" / cfg.model.name / f"{h.hexdigest()[:20]}.json"
+    if path.exists():
+        return json.loads(path.read_text())["scores"], True
+    scores = method.score(model, calib_ids)
+    write_json(path, {"key": key, "scores": scores})
+    return scores, False
+
+
+def prune(cfg, method, model, tokenizer, budget, out: Path, timing: dict) -> dict:
+    """Calibrate, score (cached), plan and apply; writes calib.pt and scores.csv. Returns the plan."""
+    calib_ids, calib_source = None, None
+    if method.calib is not None:
+        c = method.calib
+        calib_ids, calib_source = calibration_ids(tokenizer, c.dataset, c.n_samples, c.seq_len, c.seed,
+                                                  cfg.get("data_root") or None)
+        buf = io.BytesIO()
+        torch.save(calib_ids, buf)
+        write_atomic(out / "calib.pt", buf.getvalue())
+    t0 = time.perf_counter()
+    scores, hit = cached_scores(cfg, method, model, calib_ids)
+    timing["score_s"] = time.perf_counter() - t0
+    log.info("scores %s in %.1f s", "from cache" if hit else "computed", timing["score_s"])
+    write_atomic(out / "scores.csv", "block,score\n" + "".join(f"{i},{s!r}\n" for i, s in enumerate(scores)))
+    plan = method.plan(scores, budget) | {"calib_source": calib_source, "scores_cached": hit}
+    t0 = time.perf_counter()
+    method.apply(model, plan)
+    timing["prune_s"] = time.perf_counter() - t0
+    params = count_params(model)
+    plan |= {"params": params, "predicted_params": budget.target_params}
+    if plan["kind"] == "depth" and params != budget.target_params:
+        raise RuntimeError(f"depth surgery left {params} params, the budget predicts {budget.target_params}")
+    return plan
+
+
+def run_cell(cfg) -> Path:
+    """Run one cell; skip it if its records already exist. Returns the cell directory."""
+    method = build_method(cfg.method)
+    ratio = float(cfg.ratio) if method.prunes else 0.0
+    out = cell_dir(cfg, method.label, ratio)
+    if (out / RECORDS).exists():
+        log.info("%s: done, skipping", out)
+        return out
+    torch.manual_seed(int(cfg.seed))
+    t_cell = time.perf_counter()
+    model, tokenizer = load_model(cfg.model, cfg.cache_dir, cfg.device, cfg.dtype)
+    dense_params = count_params(model)
+    budget = resolve_budget(model, ratio) if method.prunes else None
+    if budget:
+        method.check(budget)  # before any scoring: an impossible budget fails in a second, not after an hour
+    out.mkdir(parents=True, exist_ok=True)
+    write_atomic(out / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+
+    timing, plan = {}, {"kind": "dense"}
+    if method.prunes:
+        plan = prune(cfg, method, model, tokenizer, budget, out, timing)
+    params = count_params(model)
+    write_json(out / "plan.json", plan)
+    log.info("%s: %d -> %d params", method.label, dense_params, params)
+
+    ident = {"model": cfg.model.name, "method": method.label, "ratio": ratio, "params": params,
+             "dense_params": dense_params}
+    if budget:
+        ident |= achieved(budget, params)
+    else:
+        ident |= {"removed_frac_block_params": 0.0, "removed_frac_total_params": 0.0}
+    prov = provenance(cfg, model.device, model.dtype) | timing
+    rows = []
+    for stage in cfg.eval.stages:
+        if stage not in STAGES:
+            raise BenchError(f"eval.stages: {stage!r} is not a stage; allowed values are {', '.join(STAGES)}")
+        rows += [ident | row | prov for row in STAGES[stage](model, tokenizer, cfg)]
+    write_records(out / RECORDS, rows)
+    log.info("%s: %d records in %.1f s", out, len(rows), time.perf_counter() - t_cell)
+    return out

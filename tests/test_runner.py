@@ -1,0 +1,96 @@
+"""One cell end to end through the CLI and the Python API: files, records, skip on rerun, score cache, errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+import torch
+
+import bench.methods.depth as depth
+from bench import BenchError
+from bench.config import check_choices
+from bench.report import write_tables
+from bench.runner import run_cell
+
+
+def cli(*args, data_root, tmp_path):
+    env = os.environ | {"BENCH_DATA": str(data_root), "BENCH_CACHE": str(tmp_path / "cache")}
+    return subprocess.run([sys.executable, "-m", "bench", *args], capture_output=True, text=True, env=env,
+                          cwd=tmp_path)
+
+
+def test_cli_runs_a_cell_and_skips_it_on_rerun(tmp_path, data_root):
+    args = ["model=tiny-llama", "method=depth_taylor", "ratio=0.25", "eval.ppl.max_windows=2",
+            f"out_dir={tmp_path / 'res'}"]
+    first = cli(*args, data_root=data_root, tmp_path=tmp_path)
+    assert first.returncode == 0, first.stderr
+    cell = tmp_path / "res" / "tiny-llama" / "depth_taylor+" / "r0.25"
+    assert sorted(p.name for p in cell.iterdir()) == ["calib.pt", "config.yaml", "plan.json", "records.jsonl",
+                                                       "scores.csv"]
+    rows = [json.loads(line) for line in (cell / "records.jsonl").read_text().splitlines()]
+    assert len(rows) == 4
+    for key in ("model", "method", "ratio", "params", "stage", "task", "metric", "value", "seed", "torch",
+                "transformers", "device", "dtype", "elapsed_s", "removed_frac_block_params",
+                "removed_frac_total_params"):
+        assert key in rows[0]
+    plan = json.loads((cell / "plan.json").read_text())
+    assert len(plan["remove"]) == 3 and plan["params"] == rows[0]["params"] == plan["predicted_params"]
+    scores = pd.read_csv(cell / "scores.csv")
+    assert list(scores.columns) == ["block", "score"] and len(scores) == 12
+    calib = torch.load(cell / "calib.pt")
+    assert calib.dtype == torch.long and calib.shape == (10, 128)
+    mtime = (cell / "records.jsonl").stat().st_mtime_ns
+    second = cli(*args, data_root=data_root, tmp_path=tmp_path)
+    assert second.returncode == 0 and "done, skipping" in second.stderr + second.stdout
+    assert (cell / "records.jsonl").stat().st_mtime_ns == mtime
+
+
+def test_scores_cached_across_ratios(cfg_for, monkeypatch):
+    calls = []
+    real = depth.ppl_scores
+    monkeypatch.setattr(depth, "ppl_scores", lambda *a, **k: calls.append(1) or real(*a, **k))
+    common = ("model=tiny-llama-gqa", "method=depth_ppl", "eval.ppl.max_windows=1")
+    first = run_cell(cfg_for(*common, "ratio=0.2"))
+    second = run_cell(cfg_for(*common, "ratio=0.35"))
+    assert len(calls) == 1
+    assert json.loads((second / "plan.json").read_text())["scores_cached"] is True
+    assert (first / "scores.csv").read_text() == (second / "scores.csv").read_text()
+
+
+def test_dense_then_report(cfg_for, tmp_path):
+    run_cell(cfg_for("model=tiny-llama", "method=dense", "eval.ppl.max_windows=2"))
+    run_cell(cfg_for("model=tiny-llama", "method=depth_magnitude", "ratio=0.25", "eval.ppl.max_windows=2"))
+    md, csv = write_tables(tmp_path / "results")
+    table = pd.read_csv(csv)
+    assert list(table.method) == ["dense", "depth_magnitude+"]
+    assert list(table.ratio) == [0.0, 0.25]
+    for col in ("params", "WikiText2", "PTB", "WikiText2 (BOS)", "PTB (BOS)"):
+        assert table[col].notna().all()
+    assert "| dense" in md.read_text()
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model=nope", "model='nope': allowed values are "),
+    ("method=nope", "method='nope': allowed values are dense, depth_magnitude, depth_ppl, depth_taylor"),
+])
+def test_unknown_choice_is_one_line_error(override, message):
+    with pytest.raises(BenchError, match=message):
+        check_choices([override])
+
+
+def test_cli_errors_are_one_line(tmp_path, data_root):
+    bad = cli("method=nope", data_root=data_root, tmp_path=tmp_path)
+    assert bad.returncode != 0
+    assert bad.stderr.strip().splitlines() == [
+        "error: method='nope': allowed values are dense, depth_magnitude, depth_ppl, depth_taylor"]
+    ratio = cli("model=tiny-llama", "method=depth_ppl", "ratio=1.5", f"out_dir={tmp_path}", data_root=data_root,
+                tmp_path=tmp_path)
+    assert ratio.returncode == 2 and "ratio=1.5: must be in (0, 1)" in ratio.stderr + ratio.stdout
+    every = cli("model=tiny-llama", "method=depth_ppl", "ratio=0.5", f"out_dir={tmp_path}", data_root=data_root,
+                tmp_path=tmp_path)
+    assert every.returncode == 2 and "only 6 may be removed" in every.stderr + every.stdout
