@@ -7,9 +7,14 @@ are loaded (as on a GPU node):
     corpus      local file                                    hub dataset (official code)
     wikitext2   wikitext2/wiki.test.raw                       wikitext / wikitext-2-raw-v1, test, "text"
     ptb         ptb/ptb.valid.txt                             ptb_text_only / penn_treebank, validation, "sentence"
-    bookcorpus  calibration/pride_and_prejudice_pg1342.txt    bookcorpus, train, "text"   (calibration only)
 
-BookCorpus is not redistributable; offline, a public-domain novel stands in for it.
+    calibration                                               hub dataset (the method's paper)
+    bookcorpus  calibration/pride_and_prejudice_pg1342.txt    bookcorpus, train (Shortened LLaMA, LLM-Pruner)
+    c4          (none: the novel stands in)                   allenai/c4 en shard 0, train (Wanda-sp)
+    wikitext2   (none: the novel stands in)                   wikitext-2-raw-v1, train (FLAP, SliceGPT, SLEB)
+
+BookCorpus is not redistributable and the local data holds no C4 or WikiText-2 train split; offline, a
+public-domain novel stands in for all three and the recorded source says so.
 """
 
 from __future__ import annotations
@@ -63,34 +68,54 @@ def text_rows(name: str, data_root: str | Path | None) -> tuple[list[str], str]:
     return rows, f"local:{LOCAL_FILES[name]}"
 
 
+CALIB_DATASETS = ("bookcorpus", "c4", "wikitext2")
+
+
 def calibration_ids(tokenizer, dataset: str, n_samples: int, seq_len: int, seed: int,
                     data_root: str | Path | None) -> tuple[torch.Tensor, str]:
     """n_samples x seq_len token ids ([n, seq_len] LongTensor), seeded, and their source.
 
-    Hub BookCorpus follows the official sampler (shortened-llm src/dataset.py::get_examples): random distinct rows
-    with at least seq_len tokens (default special tokens), one random window of each. Offline, the novel is one
-    token stream and the windows are n random non-overlapping ones."""
-    if dataset != "bookcorpus":
-        raise BenchError(f"calib.dataset={dataset!r}: allowed values are bookcorpus")
+    Hub: BookCorpus and C4 follow the official samplers (shortened-llm src/dataset.py::get_examples, FLAP
+    lib/data.py::get_c4): random distinct documents with at least seq_len tokens, one random window of each;
+    WikiText-2 train is joined with " " and cut at random offsets (FLAP lib/data.py::get_wikitext2).
+    Offline, the novel is one token stream and the windows are n random non-overlapping ones."""
+    if dataset not in CALIB_DATASETS:
+        raise BenchError(f"calib.dataset={dataset!r}: allowed values are {', '.join(CALIB_DATASETS)}")
     rng = random.Random(seed)
     if data_root is None:
-        from datasets import load_dataset
-
-        rows = load_dataset("bookcorpus", split="train")
-        samples, seen = [], set()
-        while len(samples) < n_samples:
-            i = rng.randint(0, len(rows) - 1)
-            ids = tokenizer(rows[i]["text"], return_tensors="pt").input_ids[0]
-            if len(ids) >= seq_len and i not in seen:
-                seen.add(i)
-                j = rng.randint(0, len(ids) - seq_len)
-                samples.append(ids[j:j + seq_len])
-        return torch.stack(samples), "hub:bookcorpus"
-    path = local_path(data_root, dataset)
+        return _hub_calibration(tokenizer, dataset, n_samples, seq_len, rng)
+    path = local_path(data_root, "bookcorpus")
     text = "\n".join(path.read_text(encoding="utf-8").split("\n")[BOOK_FRONT_MATTER_LINES:])
     ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids[0]
     n_slots = len(ids) // seq_len
     if n_slots < n_samples:
         raise BenchError(f"calib.n_samples={n_samples}: {path} holds only {n_slots} windows of {seq_len} tokens")
     slots = sorted(rng.sample(range(n_slots), n_samples))
-    return torch.stack([ids[s * seq_len:(s + 1) * seq_len] for s in slots]), f"local:{LOCAL_FILES[dataset]}"
+    source = f"local:{LOCAL_FILES['bookcorpus']}"
+    if dataset != "bookcorpus":
+        log.warning("no local %s: the novel stands in for it", dataset)
+        source += f" (stand-in for {dataset})"
+    return torch.stack([ids[s * seq_len:(s + 1) * seq_len] for s in slots]), source
+
+
+def _hub_calibration(tokenizer, dataset, n_samples, seq_len, rng) -> tuple[torch.Tensor, str]:
+    from datasets import load_dataset
+
+    if dataset == "wikitext2":
+        text = " ".join(load_dataset("wikitext", "wikitext-2-raw-v1", split="train")["text"])
+        ids = tokenizer(text, return_tensors="pt").input_ids[0]
+        starts = [rng.randint(0, len(ids) - seq_len - 1) for _ in range(n_samples)]
+        return torch.stack([ids[i:i + seq_len] for i in starts]), "hub:wikitext-2-raw-v1/train"
+    if dataset == "c4":
+        rows = load_dataset("allenai/c4", data_files={"train": "en/c4-train.00000-of-01024.json.gz"}, split="train")
+    else:
+        rows = load_dataset("bookcorpus", split="train")
+    samples, seen = [], set()
+    while len(samples) < n_samples:
+        i = rng.randint(0, len(rows) - 1)
+        ids = tokenizer(rows[i]["text"], return_tensors="pt").input_ids[0]
+        if len(ids) >= seq_len and i not in seen:
+            seen.add(i)
+            j = rng.randint(0, len(ids) - seq_len)
+            samples.append(ids[j:j + seq_len])
+    return torch.stack(samples), f"hub:{dataset}"

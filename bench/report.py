@@ -2,7 +2,7 @@
 
     python -m bench.report results/default        # -> results/default/tables/ppl.{md,csv}
 
-Rows are model x method x ratio (dense first, then by ratio and method); columns the achieved parameters and the
+Rows are model x method x ratio (dense first; per ratio depth, then width); columns the achieved parameters and the
 perplexities: WikiText-2 and PTB with one BOS (the official ppl.csv, the paper's numbers) and with a BOS on every
 window (ppl_bos.csv). Markdown cells show the stderr when windows were subsampled.
 """
@@ -24,15 +24,15 @@ def ppl_table(df: pd.DataFrame) -> pd.DataFrame:
     """One row per model x method x ratio; value and stderr columns per (corpus, BOS mode)."""
     keys = ["model", "method", "ratio"]
     ppl = df[df.stage == "ppl"]
-    base = ppl.groupby(keys, as_index=False).agg(params=("params", "first"),
+    base = ppl.groupby(keys, as_index=False).agg(kind=("kind", "first"), params=("params", "first"),
                                                  removed_pct=("removed_frac_total_params", "first"))
     base["removed_pct"] *= 100
     for task, metric, col in PPL_COLUMNS:
         sel = ppl[(ppl.task == task) & (ppl.metric == metric)][keys + ["value", "stderr", "n"]]
         sel = sel.rename(columns={"value": col, "stderr": f"{col} stderr", "n": f"{col} n"})
         base = base.merge(sel, on=keys, how="left")
-    base["_dense"] = base.method != "dense"
-    return base.sort_values(["model", "_dense", "ratio", "method"]).drop(columns="_dense").reset_index(drop=True)
+    base["_kind"] = base.kind.map({"dense": 0, "depth": 1, "width": 2}).fillna(3)
+    return base.sort_values(["model", "ratio", "_kind", "method"]).drop(columns="_kind").reset_index(drop=True)
 
 
 def to_markdown(table: pd.DataFrame) -> str:

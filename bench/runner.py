@@ -29,6 +29,7 @@ from bench.budget import achieved, resolve_budget
 from bench.data import calibration_ids
 from bench.evals import STAGES
 from bench.methods import build_method
+from bench.methods.base import CalibSpec
 from bench.models import count_params, load_model
 from bench.records import RECORDS, write_atomic, write_json, write_records
 
@@ -39,56 +40,88 @@ def cell_dir(cfg, label: str, ratio: float) -> Path:
     return Path(cfg.out_dir) / cfg.model.name / label / f"r{ratio:g}"
 
 
-def provenance(cfg, device, dtype) -> dict:
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.machine()
+
+
+def provenance(cfg, device: torch.device, dtype: torch.dtype) -> dict:
     import transformers
 
-    return {"seed": int(cfg.seed), "device": str(device), "device_name": torch.cuda.get_device_name(device)
-            if device.type == "cuda" else platform.processor() or platform.machine(), "dtype": str(dtype).replace(
-            "torch.", ""), "torch": torch.__version__, "transformers": transformers.__version__,
-            "bench": bench.__version__, "python": platform.python_version()}
+    return {"seed": int(cfg.seed), "device": str(device), "device_name": device_name(device),
+            "threads": torch.get_num_threads(), "dtype": str(dtype).removeprefix("torch."),
+            "torch": torch.__version__, "transformers": transformers.__version__, "bench": bench.__version__,
+            "python": platform.python_version()}
 
 
-def cached_scores(cfg, method, model, calib_ids) -> tuple[list[float], bool]:
+def cached_scores(cfg, method, model, calib_ids, budget) -> tuple[list[float], bool]:
     """Scores from the on-disk cache keyed by (model, dtype, criterion, calibration tokens), else computed and
     stored. Returns (scores, hit)."""
-    mcfg = OmegaConf.to_container(cfg.model, resolve=True)
-    key = {"model": {k: mcfg.get(k) for k in ("name", "source", "path", "init_seed", "gguf")},
-           "dtype": str(model.dtype), "device": model.device.type, "method": method.score_key()}
+    key = {"model": OmegaConf.to_container(cfg.model, resolve=True),
+           "dtype": str(model.dtype), "device": model.device.type, "method": method.score_key(budget, model)}
     h = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode())
     if calib_ids is not None:
         h.update(calib_ids.numpy().tobytes())
     path = Path(cfg.cache_dir) / "scores" / cfg.model.name / f"{h.hexdigest()[:20]}.json"
     if path.exists():
         return json.loads(path.read_text())["scores"], True
-    scores = method.score(model, calib_ids)
+    scores = method.score(model, calib_ids, budget)
     write_json(path, {"key": key, "scores": scores})
     return scores, False
 
 
 def prune(cfg, method, model, tokenizer, budget, out: Path, timing: dict) -> dict:
     """Calibrate, score (cached), plan and apply; writes calib.pt and scores.csv. Returns the plan."""
-    calib_ids, calib_source = None, None
-    if method.calib is not None:
-        c = method.calib
-        calib_ids, calib_source = calibration_ids(tokenizer, c.dataset, c.n_samples, c.seq_len, c.seed,
-                                                  cfg.get("data_root") or None)
+    calib_ids, calib_source, calib = None, None, calib_spec(cfg, method)
+    if calib is not None:
+        calib_ids, calib_source = calibration_ids(tokenizer, calib.dataset, calib.n_samples, calib.seq_len,
+                                                  calib.seed, cfg.get("data_root") or None)
         buf = io.BytesIO()
         torch.save(calib_ids, buf)
         write_atomic(out / "calib.pt", buf.getvalue())
     t0 = time.perf_counter()
-    scores, hit = cached_scores(cfg, method, model, calib_ids)
+    scores, hit = cached_scores(cfg, method, model, calib_ids, budget)
     timing["score_s"] = time.perf_counter() - t0
     log.info("scores %s in %.1f s", "from cache" if hit else "computed", timing["score_s"])
-    write_atomic(out / "scores.csv", "block,score\n" + "".join(f"{i},{s!r}\n" for i, s in enumerate(scores)))
-    plan = method.plan(scores, budget) | {"calib_source": calib_source, "scores_cached": hit}
+    write_atomic(out / "scores.csv", scores_csv(scores))
+    plan = method.plan(scores, budget, model)
+    plan |= {"calibration": cfg.calibration if calib else None, "calib": vars(calib) if calib else None,
+             "calib_source": calib_source, "scores_cached": hit}
     t0 = time.perf_counter()
     method.apply(model, plan)
     timing["prune_s"] = time.perf_counter() - t0
-    params = count_params(model)
-    plan |= {"params": params, "predicted_params": budget.target_params}
-    if plan["kind"] == "depth" and params != budget.target_params:
-        raise RuntimeError(f"depth surgery left {params} params, the budget predicts {budget.target_params}")
+    plan["params"] = params = count_params(model)
+    if params != plan["predicted_params"]:
+        raise RuntimeError(f"surgery left {params} params, the plan predicts {plan['predicted_params']}")
     return plan
+
+
+def calib_spec(cfg, method) -> CalibSpec | None:
+    """The method's own calibration (its paper's), or with `calibration=shared` the one set every method gets."""
+    if method.calib is None:
+        return None
+    if cfg.calibration == "native":
+        return method.calib
+    if cfg.calibration == "shared":
+        return CalibSpec(**cfg.shared_calib)
+    raise BenchError(f"calibration={cfg.calibration!r}: allowed values are native, shared")
+
+
+def scores_csv(scores) -> str:
+    """Depth: one row per block (block, score). Width: one row per unit (layer, unit = q | kv | channel, index,
+    score)."""
+    if isinstance(scores, list):
+        return "block,score\n" + "".join(f"{i},{s!r}\n" for i, s in enumerate(scores))
+    rows = ["layer,unit,index,score\n"]
+    for unit in ("q", "kv", "channel"):
+        for layer, values in enumerate(scores[unit]):
+            rows += [f"{layer},{unit},{i},{s!r}\n" for i, s in enumerate(values)]
+    return "".join(rows)
 
 
 def run_cell(cfg) -> Path:
@@ -105,7 +138,7 @@ def run_cell(cfg) -> Path:
     dense_params = count_params(model)
     budget = resolve_budget(model, ratio) if method.prunes else None
     if budget:
-        method.check(budget)  # before any scoring: an impossible budget fails in a second, not after an hour
+        method.check(budget, model)  # before any scoring: an impossible budget fails in a second, not after an hour
     out.mkdir(parents=True, exist_ok=True)
     write_atomic(out / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
 
@@ -116,10 +149,11 @@ def run_cell(cfg) -> Path:
     write_json(out / "plan.json", plan)
     log.info("%s: %d -> %d params", method.label, dense_params, params)
 
-    ident = {"model": cfg.model.name, "method": method.label, "ratio": ratio, "params": params,
+    ident = {"model": cfg.model.name, "method": method.label, "kind": plan["kind"], "ratio": ratio, "params": params,
              "dense_params": dense_params}
     if budget:
-        ident |= achieved(budget, params)
+        ident |= achieved(budget, params) | {"target_params": plan.get("target_params", budget.target_params),
+                                             "budget_matched": plan.get("budget_matched", True)}
     else:
         ident |= {"removed_frac_block_params": 0.0, "removed_frac_total_params": 0.0}
     prov = provenance(cfg, model.device, model.dtype) | timing

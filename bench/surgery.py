@@ -52,3 +52,144 @@ def blocks_view(model, keep: list[int]):
         model.model.layers, config.num_hidden_layers = saved[0], saved[1]
         if saved[2] is not None:
             config.layer_types = saved[2]
+
+
+# --- width: attention heads, MLP channels, compensation biases ------------------------------------------------
+
+
+def _keep(linear: torch.nn.Linear, keep: torch.Tensor, dim: int) -> None:
+    """Keep output rows (dim 0) or input columns (dim 1) `keep` of a Linear, in place, with torch-pruning's
+    low-level pruning functions (weights, bias and in/out_features in one step)."""
+    import torch_pruning as tp
+
+    size = linear.out_features if dim == 0 else linear.in_features
+    removed = sorted(set(range(size)) - set(keep.tolist()))
+    if removed:
+        (tp.prune_linear_out_channels if dim == 0 else tp.prune_linear_in_channels)(linear, removed)
+
+
+def _head_rows(heads: list[int], head_dim: int) -> torch.Tensor:
+    return (torch.tensor(heads, dtype=torch.long)[:, None] * head_dim + torch.arange(head_dim)).flatten()
+
+
+def prune_heads(attn, keep_q: list[int], keep_kv: list[int]) -> None:
+    """Keep query heads `keep_q` and key/value heads `keep_kv` of one attention module (LLaMA layout).
+
+    Grouped-query attention pairs query head j with key/value head j // groups. After pruning, every kept query
+    head must still have its own key/value head kept, and every kept key/value head must serve the same number of
+    query heads (HF's repeat_kv needs uniform groups): pruning whole groups, or the same number of query heads
+    in every group, both satisfy this. Anything else would orphan or mis-pair a head and is refused."""
+    groups = attn.num_key_value_groups
+    keep_q, keep_kv = sorted(keep_q), sorted(keep_kv)
+    if not keep_q or not keep_kv:
+        raise ValueError("an attention layer must keep at least one query and one key/value head")
+    owners = [q // groups for q in keep_q]
+    per_kv = {kv: owners.count(kv) for kv in keep_kv}
+    if set(owners) != set(keep_kv) or len(set(per_kv.values())) != 1:
+        raise ValueError(f"query heads {keep_q} and key/value heads {keep_kv} do not form uniform GQA groups "
+                         f"(a key/value head would be orphaned or groups would differ in size)")
+    d = attn.head_dim
+    q_rows, kv_rows = _head_rows(keep_q, d), _head_rows(keep_kv, d)
+    _keep(attn.q_proj, q_rows, 0)
+    _keep(attn.k_proj, kv_rows, 0)
+    _keep(attn.v_proj, kv_rows, 0)
+    _keep(attn.o_proj, q_rows, 1)
+    attn.num_key_value_groups = len(keep_q) // len(keep_kv)
+
+
+def prune_channels(mlp, keep: list[int]) -> None:
+    """Keep MLP intermediate channels `keep`: gate/up rows and down_proj columns."""
+    idx = torch.tensor(sorted(keep), dtype=torch.long)
+    _keep(mlp.gate_proj, idx, 0)
+    _keep(mlp.up_proj, idx, 0)
+    _keep(mlp.down_proj, idx, 1)
+    if hasattr(mlp, "intermediate_size"):
+        mlp.intermediate_size = len(keep)
+
+
+def add_bias(linear: torch.nn.Linear, bias: torch.Tensor) -> None:
+    """Add `bias` to a Linear's output (creating the bias if it has none): FLAP's compensation on o_proj and
+    down_proj. Shape-only callers pass zeros."""
+    bias = bias.to(device=linear.weight.device, dtype=linear.weight.dtype)
+    if linear.bias is None:
+        linear.bias = torch.nn.Parameter(bias.clone())
+    else:
+        linear.bias.data += bias
+
+
+def layer_shapes(model) -> list[dict]:
+    """Per-layer sizes of a (possibly non-uniformly) width-pruned model, as recorded in its saved config."""
+    shapes = []
+    for layer in decoder_layers(model):
+        attn, mlp = layer.self_attn, layer.mlp
+        shapes.append({"num_attention_heads": attn.q_proj.out_features // attn.head_dim,
+                       "num_key_value_heads": attn.k_proj.out_features // attn.head_dim,
+                       "intermediate_size": mlp.gate_proj.out_features,
+                       "o_proj_bias": attn.o_proj.bias is not None,
+                       "down_proj_bias": mlp.down_proj.bias is not None})
+    return shapes
+
+
+def apply_width_plan(model, plan: dict):
+    """Apply a width plan in place: per layer, the query / key-value heads and MLP channels to remove, and the
+    mean activations of the removed o_proj / down_proj input channels (FLAP's compensation: the removed
+    channels' expected contribution, W[:, removed] @ mean_x[removed], moves into a bias).
+    Records the per-layer sizes in config.layer_shapes so `load_pruned` can rebuild the model."""
+    layers = decoder_layers(model)
+    for key, spec in plan["layers"].items():
+        layer = layers[int(key)]
+        attn, mlp = layer.self_attn, layer.mlp
+        d = attn.head_dim
+        n_q, n_kv = attn.q_proj.out_features // d, attn.k_proj.out_features // d
+        if spec.get("o_bias_mean") is not None:
+            add_bias(attn.o_proj, _compensation(attn.o_proj, _head_rows(spec["remove_q"], d), spec["o_bias_mean"]))
+        if spec.get("down_bias_mean") is not None:
+            add_bias(mlp.down_proj, _compensation(mlp.down_proj, torch.tensor(spec["remove_channels"]),
+                                                  spec["down_bias_mean"]))
+        rm_q, rm_kv, rm_c = (set(spec.get(k) or ()) for k in ("remove_q", "remove_kv", "remove_channels"))
+        if rm_q or rm_kv:
+            prune_heads(attn, [q for q in range(n_q) if q not in rm_q], [k for k in range(n_kv) if k not in rm_kv])
+        if rm_c:
+            prune_channels(mlp, [c for c in range(mlp.gate_proj.out_features) if c not in rm_c])
+    model.config.layer_shapes = layer_shapes(model)
+    return model
+
+
+def _compensation(linear: torch.nn.Linear, removed_inputs: torch.Tensor, mean: list[float]) -> torch.Tensor:
+    w = linear.weight.data[:, removed_inputs.to(linear.weight.device)].float()
+    return w @ torch.tensor(mean, dtype=torch.float32, device=w.device)
+
+
+def load_pruned(path, dtype: torch.dtype = torch.float32):
+    """Reload a saved width-pruned model: a stock HF config cannot describe per-layer sizes, so the model is built
+    at the base sizes, reshaped from config.layer_shapes, then the saved weights are loaded."""
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from pathlib import Path
+
+    config = AutoConfig.from_pretrained(path)
+    shapes = getattr(config, "layer_shapes", None)
+    if shapes is None:
+        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    for layer, shape in zip(decoder_layers(model), shapes):
+        attn, mlp = layer.self_attn, layer.mlp
+        groups = shape["num_attention_heads"] // shape["num_key_value_heads"]
+        keep_kv = list(range(shape["num_key_value_heads"]))
+        keep_q = [kv * attn.num_key_value_groups + j for kv in keep_kv for j in range(groups)]
+        prune_heads(attn, keep_q, keep_kv)
+        prune_channels(mlp, list(range(shape["intermediate_size"])))
+        if shape["o_proj_bias"]:
+            add_bias(attn.o_proj, torch.zeros(attn.o_proj.out_features))
+        if shape["down_proj_bias"]:
+            add_bias(mlp.down_proj, torch.zeros(mlp.down_proj.out_features))
+    state = {}
+    for f in sorted(Path(path).glob("*.safetensors")):
+        state |= load_file(f)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.endswith("lm_head.weight") or not config.tie_word_embeddings]
+    if missing or unexpected:
+        raise RuntimeError(f"pruned checkpoint {path} does not match its layer_shapes: missing {missing[:3]}, "
+                           f"unexpected {unexpected[:3]}")
+    model.tie_weights()
+    return model.eval()

@@ -76,7 +76,8 @@ def test_dense_then_report(cfg_for, tmp_path):
 
 @pytest.mark.parametrize("override, message", [
     ("model=nope", "model='nope': allowed values are "),
-    ("method=nope", "method='nope': allowed values are dense, depth_magnitude, depth_ppl, depth_taylor"),
+    ("method=nope", "method='nope': allowed values are dense, depth_magnitude, depth_ppl, depth_taylor, flap, "
+                    "llm_pruner, magnitude_width, wanda_sp"),
 ])
 def test_unknown_choice_is_one_line_error(override, message):
     with pytest.raises(BenchError, match=message):
@@ -86,11 +87,34 @@ def test_unknown_choice_is_one_line_error(override, message):
 def test_cli_errors_are_one_line(tmp_path, data_root):
     bad = cli("method=nope", data_root=data_root, tmp_path=tmp_path)
     assert bad.returncode != 0
-    assert bad.stderr.strip().splitlines() == [
-        "error: method='nope': allowed values are dense, depth_magnitude, depth_ppl, depth_taylor"]
+    lines = bad.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: method='nope': allowed values are dense, depth_magnitude")
+    assert "llm_pruner" in lines[0] and "_depth_" not in lines[0]
     ratio = cli("model=tiny-llama", "method=depth_ppl", "ratio=1.5", f"out_dir={tmp_path}", data_root=data_root,
                 tmp_path=tmp_path)
     assert ratio.returncode == 2 and "ratio=1.5: must be in (0, 1)" in ratio.stderr + ratio.stdout
     every = cli("model=tiny-llama", "method=depth_ppl", "ratio=0.5", f"out_dir={tmp_path}", data_root=data_root,
                 tmp_path=tmp_path)
     assert every.returncode == 2 and "only 6 may be removed" in every.stderr + every.stdout
+
+
+def test_width_cell_records_budget_match(cfg_for):
+    out = run_cell(cfg_for("model=tiny-llama-gqa", "method=flap", "ratio=0.2", "eval.ppl.max_windows=1",
+                           "method.calib.n_samples=8"))
+    plan = json.loads((out / "plan.json").read_text())
+    assert plan["kind"] == "width" and plan["calibration"] == "native"
+    assert plan["calib"] == {"dataset": "wikitext2", "n_samples": 8, "seq_len": 128, "seed": 0}
+    assert plan["calib_source"].endswith("(stand-in for wikitext2)")
+    rows = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
+    assert rows[0]["params"] == plan["params"] == plan["predicted_params"]
+    assert rows[0]["target_params"] == plan["target_params"] and rows[0]["budget_matched"] is True
+    scores = pd.read_csv(out / "scores.csv")
+    assert list(scores.columns) == ["layer", "unit", "index", "score"] and set(scores.unit) == {"q", "kv", "channel"}
+
+
+def test_shared_calibration_switch(cfg_for):
+    out = run_cell(cfg_for("model=tiny-llama-gqa", "method=llm_pruner", "ratio=0.2", "eval.ppl.max_windows=1",
+                           "calibration=shared", "shared_calib.n_samples=4"))
+    plan = json.loads((out / "plan.json").read_text())
+    assert plan["calibration"] == "shared" and plan["calib"]["n_samples"] == 4
+    assert torch.load(out / "calib.pt").shape == (4, 128)

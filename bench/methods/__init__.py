@@ -12,10 +12,12 @@ import dataclasses
 from bench import BenchError
 from bench.methods.base import Dense, Method
 from bench.methods.depth import DepthPruner
+from bench.methods.width import WidthPruner
 
 METHODS: dict[str, type] = {
     "dense": Dense,
     "depth": DepthPruner,
+    "width": WidthPruner,
 }
 
 

@@ -1,12 +1,15 @@
 """The method contract: score units on calibration text, decide a plan, apply it.
 
-    check(budget)                 fail fast, before any scoring, on a budget the method cannot meet
-    score(model, calib) -> list   one importance per unit (lower = less important); cached on disk by the runner
-    plan(scores, budget) -> dict  a JSON-serializable decision (plan.json): pure, no model mutation
-    apply(model, plan)            physical removal through bench.surgery
+    check(budget, model)                 fail fast, before any scoring, on a budget the method cannot meet
+    score(model, calib, budget)          importance of every unit (lower = less important), JSON-serializable;
+                                         cached on disk by the runner
+    plan(scores, budget, model) -> dict  a JSON-serializable decision (plan.json); reads the model's shapes,
+                                         never changes it
+    apply(model, plan)                   physical removal through bench.surgery
 
-`score_key()` names everything the scores depend on besides the model (criterion, calibration), so a sweep over
-ratios scores each (model, criterion, calibration) once.
+`score_key(budget, model)` names everything the scores depend on besides the model and the calibration tokens
+(which the runner hashes): the criterion, and the budget only for methods whose scoring is sequential. So a
+sweep over ratios scores each (model, criterion, calibration) once.
 """
 
 from __future__ import annotations
@@ -31,10 +34,10 @@ class Method(Protocol):
 
     @property
     def label(self) -> str: ...
-    def check(self, budget: Budget) -> None: ...
-    def score_key(self) -> dict | None: ...
-    def score(self, model, calib_ids) -> list[float]: ...
-    def plan(self, scores: list[float] | None, budget: Budget) -> dict[str, Any]: ...
+    def check(self, budget: Budget, model=None) -> None: ...
+    def score_key(self, budget: Budget | None = None, model=None) -> dict | None: ...
+    def score(self, model, calib_ids, budget: Budget | None = None) -> Any: ...
+    def plan(self, scores: Any, budget: Budget, model=None) -> dict[str, Any]: ...
     def apply(self, model, plan: dict[str, Any]) -> Any: ...
 
 
@@ -47,16 +50,16 @@ class Dense:
     label = "dense"
     prunes = False
 
-    def check(self, budget):
+    def check(self, budget, model=None):
         pass
 
-    def score_key(self):
+    def score_key(self, budget=None, model=None):
         return None
 
-    def score(self, model, calib_ids):
+    def score(self, model, calib_ids, budget=None):
         return None
 
-    def plan(self, scores, budget):
+    def plan(self, scores, budget, model=None):
         return {"kind": "dense"}
 
     def apply(self, model, plan):

@@ -23,6 +23,7 @@ import torch
 from bench import BenchError
 from bench.budget import Budget
 from bench.methods.base import CalibSpec
+from bench.methods.grads import backward_folded
 from bench.models import decoder_layers
 from bench.evals.perplexity import token_nll
 from bench.surgery import blocks_view, remove_blocks
@@ -85,36 +86,16 @@ def _block_weights(model):
 
 def taylor_scores(model, ids: torch.Tensor) -> list[float]:
     """Taylor+ block importance: sum |W * dL/dW| over each block's weights, from one forward/backward of the
-    whole calibration batch (loss = mean next-token CE, as `model(x, labels=x).loss`).
+    whole calibration batch (loss = mean next-token CE, as `model(x, labels=x).loss`). Each gradient is folded
+    into its block's score as it arrives and freed; nothing outside the blocks gets a gradient."""
+    scores = torch.zeros(len(decoder_layers(model)), dtype=torch.float64)
 
-    Each weight's gradient is folded into its block's score the moment it is accumulated and then freed
-    (post-accumulate-grad hook), so peak memory stays near weights + activations, not weights + gradients.
-    Nothing outside the blocks gets a gradient at all."""
-    n_layers = len(decoder_layers(model))
-    scores = torch.zeros(n_layers, dtype=torch.float64)
-    saved = {p: p.requires_grad for p in model.parameters()}
-    for p in model.parameters():
-        p.requires_grad_(False)
-    hooks = []
+    def fold(b, p):
+        def consume(grad):
+            scores[b] += (p.detach().float() * grad.float()).abs().sum().double().cpu()
+        return consume
 
-    def fold(b):
-        def hook(p):
-            scores[b] += (p.detach().float() * p.grad.float()).abs().sum().double().cpu()
-            p.grad = None
-        return hook
-
-    try:
-        for b, p in _block_weights(model):
-            p.requires_grad_(True)
-            hooks.append(p.register_post_accumulate_grad_hook(fold(b)))
-        ids = ids.to(model.device)
-        model(ids, labels=ids, use_cache=False).loss.backward()
-    finally:
-        for h in hooks:
-            h.remove()
-        for p, flag in saved.items():
-            p.requires_grad_(flag)
-            p.grad = None
+    backward_folded(model, ids, {p: fold(b, p) for b, p in _block_weights(model)})
     return scores.tolist()
 
 
@@ -157,25 +138,24 @@ class DepthPruner:
         protected = set(range(self.keep_first)) | set(range(n_layers - self.keep_last, n_layers))
         return [b for b in range(n_layers) if b not in protected]
 
-    def check(self, budget: Budget) -> None:
+    def check(self, budget: Budget, model=None) -> None:
         n = len(self.candidates(budget.n_blocks))
         if budget.remove_blocks >= n:
             raise BenchError(f"ratio={budget.ratio} removes {budget.remove_blocks} of {budget.n_blocks} blocks, but "
                              f"only {n} may be removed (keep_first={self.keep_first}, keep_last={self.keep_last}): "
                              f"lower the ratio")
 
-    def score_key(self) -> dict:
-        return {"impl": "depth", "criterion": self.criterion,
-                "calib": None if self.calib is None else vars(self.calib)}
+    def score_key(self, budget: Budget | None = None, model=None) -> dict:
+        return {"impl": "depth", "criterion": self.criterion}  # the runner adds the calibration tokens
 
-    def score(self, model, calib_ids) -> list[float]:
+    def score(self, model, calib_ids, budget: Budget | None = None) -> list[float]:
         if self.criterion == "ppl":
             return ppl_scores(model, calib_ids, self.batch_size)
         if self.criterion == "taylor":
             return taylor_scores(model, calib_ids)
         return magnitude_scores(model)
 
-    def plan(self, scores: list[float], budget: Budget) -> dict:
+    def plan(self, scores: list[float], budget: Budget, model=None) -> dict:
         self.check(budget)
         n_layers = len(scores)
         # least important first; ties broken by block index so the plan is deterministic
@@ -183,7 +163,8 @@ class DepthPruner:
         remove = sorted(order[:budget.remove_blocks])
         return {"kind": "depth", "criterion": self.criterion, "n_layers": n_layers,
                 "keep_first": self.keep_first, "keep_last": self.keep_last, "order": order,
-                "remove": remove, "keep": [b for b in range(n_layers) if b not in remove]}
+                "remove": remove, "keep": [b for b in range(n_layers) if b not in remove],
+                "predicted_params": budget.target_params}
 
     def apply(self, model, plan: dict):
         return remove_blocks(model, plan["remove"])

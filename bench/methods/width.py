@@ -1,0 +1,314 @@
+"""Width pruning: remove attention heads and MLP channels, matched to depth's parameter budget.
+
+    llm_pruner  Taylor importance, uniform per-layer ratio on blocks 4..L-3 (Ma et al. 2023)
+    wanda_sp    |W| x ||X|| per o_proj / down_proj input channel, uniform, layers pruned in sequence (An et al.)
+    flap        fluctuation metric, adaptive global structure (AL-AM), bias compensation (An et al. 2024)
+    magnitude   data-free L2 magnitude, uniform (torch-pruning's LLM example)
+
+Grouped-query attention (`head_mode`): `kv_groups` removes a key/value head together with every query head
+that shares it (LLM-Pruner's llama3.py); `q_heads` removes the same number of query heads from every group and
+keeps all key/value heads (possible only when heads are grouped). Either way no key/value head is orphaned.
+
+Budget (`budget_match`): `depth` (default) targets the parameter count depth pruning reaches at the same ratio;
+`ratio` targets ratio x (decoder-block parameters) itself. The uniform ratio (or FLAP's global threshold) is
+solved so the achieved count is as close as whole heads and channels allow; the record says whether it is within
+0.5% of the dense total.
+
+    python -m bench method=llm_pruner ratio=0.2
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from bench import BenchError
+from bench.budget import Budget
+from bench.methods import width_criteria as wc
+from bench.methods.base import CalibSpec
+from bench.models import decoder_layers
+from bench.surgery import apply_width_plan
+
+CRITERIA = ("llm_pruner", "wanda_sp", "flap", "magnitude")
+HEAD_MODES = ("kv_groups", "q_heads")
+MATCH_TOLERANCE = 0.005  # of the dense total
+
+
+@dataclass(frozen=True)
+class LayerGeometry:
+    n_q: int
+    n_kv: int
+    head_dim: int
+    channels: int
+    q_params: int        # one query head: its q_proj rows + o_proj columns
+    kv_params: int       # one key/value head: its k_proj + v_proj rows
+    channel_params: int  # one MLP channel: gate + up rows, down column
+    hidden: int
+    o_bias: bool
+    down_bias: bool
+
+
+def _numel_row(linear: torch.nn.Linear) -> int:
+    return linear.in_features + (1 if linear.bias is not None else 0)
+
+
+def layer_geometry(layer) -> LayerGeometry:
+    attn, mlp = layer.self_attn, layer.mlp
+    n_q, n_kv, d = wc.geometry(layer)
+    return LayerGeometry(n_q, n_kv, d, mlp.gate_proj.out_features,
+                         q_params=d * _numel_row(attn.q_proj) + attn.o_proj.out_features * d,
+                         kv_params=d * (_numel_row(attn.k_proj) + _numel_row(attn.v_proj)),
+                         channel_params=_numel_row(mlp.gate_proj) + _numel_row(mlp.up_proj) + mlp.down_proj.out_features,
+                         hidden=attn.o_proj.out_features, o_bias=attn.o_proj.bias is not None,
+                         down_bias=mlp.down_proj.bias is not None)
+
+
+def head_units(g: LayerGeometry, mode: str) -> tuple[int, int]:
+    """(units per layer, params per unit) for a head mode."""
+    groups = g.n_q // g.n_kv
+    if mode == "kv_groups":
+        return g.n_kv, groups * g.q_params + g.kv_params
+    return groups, g.n_kv * g.q_params  # one query head out of every group
+
+
+def count_rule(criterion: str):
+    """Units to remove from n at ratio r: LLM-Pruner / torch-pruning keep int(n (1 - r)); Wanda-sp removes
+    int(r n) (FLAP repo's thresholds)."""
+    if criterion == "wanda_sp":
+        return lambda n, r: int(r * n)
+    return lambda n, r: n - int(n * (1 - r))
+
+
+def _round_kept(kept: int, round_to: int | None) -> int:
+    if not round_to:
+        return kept
+    return max(round_to, round(kept / round_to) * round_to)
+
+
+@dataclass
+class WidthPruner:
+    name: str
+    criterion: str
+    head_mode: str = "kv_groups"
+    keep_first: int = 0           # blocks never pruned at the start (LLM-Pruner: 4)
+    keep_last: int = 0            # ... and at the end (LLM-Pruner: 2)
+    round_to: int | None = None   # round kept MLP channels to a multiple (8, 64: hardware-friendly); off = papers
+    budget_match: str = "depth"   # depth: depth's achieved params at this ratio; ratio: ratio x block params
+    taylor: str = "param_first"   # llm_pruner's element salience (param_second, param_mix, vectorize)
+    bias: bool = True             # flap: bias compensation
+    calib: CalibSpec | None = field(default_factory=CalibSpec)
+    batch_size: int = 16          # calibration samples per forward (activation statistics)
+    prunes = True
+
+    def __post_init__(self):
+        for key, value, allowed in (("criterion", self.criterion, CRITERIA), ("head_mode", self.head_mode, HEAD_MODES),
+                                    ("budget_match", self.budget_match, ("depth", "ratio")),
+                                    ("taylor", self.taylor, wc.TAYLOR_VARIANTS)):
+            if value not in allowed:
+                raise BenchError(f"method.{key}={value!r}: allowed values are {', '.join(allowed)}")
+        if self.criterion == "flap" and self.head_mode != "kv_groups":
+            raise BenchError("method.head_mode=q_heads: flap's adaptive structure removes whole key/value groups; "
+                             "allowed values for flap are kv_groups")
+        if self.criterion == "magnitude":
+            self.calib = None
+        elif not isinstance(self.calib, CalibSpec):
+            self.calib = CalibSpec(**dict(self.calib or {}))
+
+    @property
+    def label(self) -> str:
+        return self.name
+
+    # --- deciding ------------------------------------------------------------------------------------------
+
+    def layers(self, n_layers: int) -> list[int]:
+        return list(range(self.keep_first, n_layers - self.keep_last))
+
+    def target(self, budget: Budget) -> int:
+        if self.budget_match == "depth":
+            return budget.target_params
+        return budget.dense_params - round(budget.ratio * budget.block_params)
+
+    def check(self, budget: Budget, model=None) -> None:
+        if model is None:
+            return
+        geo = [layer_geometry(layer) for layer in decoder_layers(model)]
+        if self.head_mode == "q_heads" and any(g.n_q == g.n_kv for g in geo):
+            raise BenchError("method.head_mode=q_heads needs grouped-query attention (more query than key/value "
+                             "heads); allowed values for this model are kv_groups")
+        most = sum(head_units(geo[i], self.head_mode)[1] * (head_units(geo[i], self.head_mode)[0] - 1)
+                   + geo[i].channel_params * (geo[i].channels - 1) for i in self.layers(len(geo)))
+        need = budget.dense_params - self.target(budget)
+        if need > most:
+            raise BenchError(f"ratio={budget.ratio}: {self.criterion} must remove {need:,} params but blocks "
+                             f"{self.keep_first}..{len(geo) - self.keep_last - 1} hold only {most:,} removable "
+                             f"(keep_first={self.keep_first}, keep_last={self.keep_last}): lower the ratio")
+
+    def uniform_counts(self, geo: list[LayerGeometry], r: float) -> dict[int, tuple[int, int]]:
+        """{layer: (head units, channels) to remove} at uniform ratio r on the prunable layers, by the method's own
+        rounding rule: LLM-Pruner's plan at a given ratio (its README's 0.25 on blocks 4..29 of LLaMA-7B), with no
+        budget matching."""
+        rule = count_rule(self.criterion)
+        out = {}
+        for i in self.layers(len(geo)):
+            units, _ = head_units(geo[i], self.head_mode)
+            h = min(rule(units, r), units - 1)
+            kept = _round_kept(geo[i].channels - rule(geo[i].channels, r), self.round_to)
+            out[i] = (h, min(max(geo[i].channels - kept, 0), geo[i].channels - 1))
+        return out
+
+    def solve_counts(self, geo: list[LayerGeometry], dense: int, target: int) -> dict[int, tuple[int, int]]:
+        """Uniform allocation matched to `target`: the same (head units, channels) removed from every prunable
+        layer. Whole heads are coarse (SmolLM2 has 3 key/value groups per layer), so channels take up the slack:
+        among the pairs within the tolerance of the target, prefer one whose head count is what the method's own
+        rule gives at the channel fraction (`count_rule`: LLM-Pruner rounds heads up, Wanda-sp down), then the one
+        whose head and channel fractions are closest; with no pair within tolerance, the pair nearest the target."""
+        layers = self.layers(len(geo))
+        g = geo[layers[0]]
+        if any(geo[i] != g for i in layers):
+            raise BenchError("width budgets need prunable layers of one shape (a uniform base model)")
+        units, unit_params = head_units(g, self.head_mode)
+        need, n, tol = dense - target, len(layers), MATCH_TOLERANCE * dense
+        step = self.round_to or 1
+        rule, best = count_rule(self.criterion), None
+        for h in range(units):  # a layer keeps at least one head unit
+            exact = (need - n * h * unit_params) / (n * g.channel_params)
+            kept = {_round_kept(g.channels - c, self.round_to) for c in (int(exact), int(exact) + 1)}
+            kept |= {k + step for k in kept} | {k - step for k in kept}
+            for k in kept:
+                c = g.channels - k
+                if not 0 <= c < g.channels:
+                    continue
+                gap = abs(need - n * (h * unit_params + c * g.channel_params))
+                own_rule = rule(units, c / g.channels) == h
+                key = (0, not own_rule, abs(h / units - c / g.channels)) if gap <= tol else (1, 0, gap)
+                if best is None or key < best[0]:
+                    best = (key, h, c)
+        return {i: (best[1], best[2]) for i in layers}
+
+    def score_key(self, budget: Budget | None = None, model=None) -> dict:
+        key = {"impl": "width", "criterion": self.criterion, "head_mode": self.head_mode}
+        if self.criterion == "llm_pruner":
+            key["taylor"] = self.taylor
+        if self.criterion == "wanda_sp":  # sequential: later layers' scores depend on earlier decisions
+            geo = [layer_geometry(layer) for layer in decoder_layers(model)]
+            key["counts"] = sorted(self.solve_counts(geo, budget.dense_params, self.target(budget)).items())
+        return key
+
+    def score(self, model, calib_ids, budget: Budget | None = None) -> dict:
+        if self.criterion == "llm_pruner":
+            return wc.taylor_scores(model, calib_ids, self.taylor)
+        if self.criterion == "magnitude":
+            return wc.magnitude_scores(model)
+        if self.criterion == "flap":
+            return wc.flap_scores(model, calib_ids, self.batch_size)
+        geo = [layer_geometry(layer) for layer in decoder_layers(model)]
+        counts = self.solve_counts(geo, budget.dense_params, self.target(budget))
+
+        def select(li, scores):
+            spec = self._select_layer(li, geo[li], scores, counts.get(li, (0, 0)))
+            return (torch.tensor(_head_channels(spec["remove_q"], geo[li].head_dim), dtype=torch.long),
+                    torch.tensor(spec["remove_channels"], dtype=torch.long))
+        return wc.wanda_sp_scores(model, calib_ids, [], select, self.batch_size)
+
+    def _unit_scores(self, li: int, g: LayerGeometry, scores: dict) -> list[tuple[float, list[int], list[int]]]:
+        """(score, query heads, key/value heads) of every head unit of a layer; a unit scores the sum of its
+        heads (FLAP: the mean, as its head score is a mean over channels)."""
+        q, kv = list(map(float, scores["q"][li])), list(map(float, scores["kv"][li]))
+        groups = g.n_q // g.n_kv
+        reduce = (lambda xs: sum(xs) / len(xs)) if self.criterion == "flap" else sum
+        if self.head_mode == "kv_groups":
+            return [(reduce([q[k * groups + j] for j in range(groups)]) + kv[k],
+                     [k * groups + j for j in range(groups)], [k]) for k in range(g.n_kv)]
+        return []  # q_heads: chosen per group in _select_layer
+
+    def _select_layer(self, li: int, g: LayerGeometry, scores: dict, count: tuple[int, int]) -> dict:
+        n_units, n_ch = count
+        remove_q, remove_kv = [], []
+        if n_units and self.head_mode == "kv_groups":
+            units = sorted(self._unit_scores(li, g, scores), key=lambda u: (u[0], u[2]))[:n_units]
+            remove_q = sorted(q for u in units for q in u[1])
+            remove_kv = sorted(k for u in units for k in u[2])
+        elif n_units:
+            groups = g.n_q // g.n_kv
+            q = list(map(float, scores["q"][li]))
+            for k in range(g.n_kv):
+                members = sorted(range(k * groups, (k + 1) * groups), key=lambda j: (q[j], j))
+                remove_q += members[:n_units]
+            remove_q.sort()
+        ch = list(map(float, scores["channel"][li]))
+        remove_ch = sorted(sorted(range(g.channels), key=lambda j: (ch[j], j))[:n_ch])
+        return {"remove_q": remove_q, "remove_kv": remove_kv, "remove_channels": remove_ch}
+
+    def _flap_select(self, geo: list[LayerGeometry], scores: dict, need: int) -> dict[int, dict]:
+        """FLAP's AL-AM: the head units and channels of all layers ranked together by standardised score and
+        removed lowest first, each weighted by its parameters (FLAP's 512/3 per MHA head of LLaMA-7B, in general
+        params(unit) / params(channel)), stopping where the removed parameters, net of the compensation biases
+        the pruned modules gain, come closest to `need`. A layer keeps at least one head unit and one channel."""
+        units = {li: self._unit_scores(li, geo[li], scores) for li in self.layers(len(geo))}
+        ranked = sorted([(u[0], 0, li, k) for li, us in units.items() for k, u in enumerate(us)]
+                        + [(float(x), 1, li, j) for li in units for j, x in enumerate(scores["channel"][li])])
+        taken = {li: [0, 0] for li in units}  # head units, channels removed so far
+        order, removed, best = [], 0, (abs(need), 0)
+        for _, is_channel, li, idx in ranked:
+            if removed >= need:
+                break
+            g, t = geo[li], taken[li]
+            if t[is_channel] == (g.channels if is_channel else g.n_kv) - 1:
+                continue
+            gets_bias = self.bias and t[is_channel] == 0 and not (g.down_bias if is_channel else g.o_bias)
+            removed += (g.channel_params if is_channel else head_units(g, "kv_groups")[1]) - gets_bias * g.hidden
+            t[is_channel] += 1
+            order.append((li, is_channel, idx))
+            if abs(need - removed) < best[0]:
+                best = (abs(need - removed), len(order))
+        out = {li: {"remove_q": [], "remove_kv": [], "remove_channels": []} for li in units}
+        for li, is_channel, idx in order[:best[1]]:
+            if is_channel:
+                out[li]["remove_channels"].append(idx)
+            else:
+                out[li]["remove_q"] += units[li][idx][1]
+                out[li]["remove_kv"] += units[li][idx][2]
+        return {li: {k: sorted(v) for k, v in spec.items()} for li, spec in out.items()}
+
+    def plan(self, scores: dict, budget: Budget, model=None) -> dict:
+        geo = [layer_geometry(layer) for layer in decoder_layers(model)]
+        target = self.target(budget)
+        if self.criterion == "flap":
+            need = budget.dense_params - target
+            layers = self._flap_select(geo, scores, need)
+            ratio_used = None
+        else:
+            counts = self.solve_counts(geo, budget.dense_params, target)
+            layers = {li: self._select_layer(li, geo[li], scores, c) for li, c in counts.items()}
+            h, c = next(iter(counts.values()))
+            units = head_units(geo[next(iter(counts))], self.head_mode)[0]
+            ratio_used = {"head_units": h, "head_fraction": h / units, "channels": c,
+                          "channel_fraction": c / geo[next(iter(counts))].channels}
+        for li, spec in layers.items():
+            if self.criterion == "flap" and self.bias:
+                spec["o_bias_mean"] = ([scores["o_mean"][li][j] for j in _head_channels(spec["remove_q"], geo[li].head_dim)]
+                                       if spec["remove_q"] else None)
+                spec["down_bias_mean"] = ([scores["down_mean"][li][j] for j in spec["remove_channels"]]
+                                          if spec["remove_channels"] else None)
+        predicted = budget.dense_params - sum(
+            geo[li].q_params * len(s["remove_q"]) + geo[li].kv_params * len(s["remove_kv"])
+            + geo[li].channel_params * len(s["remove_channels"])
+            - (geo[li].hidden if s.get("o_bias_mean") and not geo[li].o_bias else 0)
+            - (geo[li].hidden if s.get("down_bias_mean") and not geo[li].down_bias else 0)
+            for li, s in layers.items())
+        gap = predicted - target
+        return {"kind": "width", "criterion": self.criterion, "head_mode": self.head_mode,
+                "round_to": self.round_to, "budget_match": self.budget_match, "uniform": ratio_used,
+                "target_params": target, "predicted_params": predicted, "gap_params": gap,
+                "budget_matched": abs(gap) <= MATCH_TOLERANCE * budget.dense_params,
+                "layers": {str(li): s for li, s in layers.items() if s["remove_q"] or s["remove_channels"]}}
+
+    # --- mutating ------------------------------------------------------------------------------------------
+
+    def apply(self, model, plan: dict):
+        return apply_width_plan(model, plan)
+
+
+def _head_channels(heads: list[int], d: int) -> list[int]:
+    return [h * d + j for h in heads for j in range(d)]
