@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Iterable
@@ -32,7 +33,10 @@ def write_atomic(path: Path, data: str | bytes) -> None:
 
 
 def write_json(path: Path, obj) -> None:
-    write_atomic(path, json.dumps(obj, indent=2) + "\n")
+    """Indented JSON with every list of numbers on one line (plans hold long index lists)."""
+    text = json.dumps(obj, indent=2)
+    text = re.sub(r"\[\s+([-+0-9.eE,\s]*?)\s+\]", lambda m: "[" + " ".join(m.group(1).split()) + "]", text)
+    write_atomic(path, text + "\n")
 
 
 def write_records(path: Path, rows: Iterable[dict]) -> None:

@@ -28,6 +28,13 @@ class CalibSpec:
     seed: int = 1234
 
 
+def as_calib(value, needed: bool) -> CalibSpec | None:
+    """A method's calibration spec from its config; None for a data-free criterion."""
+    if not needed:
+        return None
+    return value if isinstance(value, CalibSpec) else CalibSpec(**dict(value or {}))
+
+
 class Method(Protocol):
     name: str
     calib: CalibSpec | None

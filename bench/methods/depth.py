@@ -22,7 +22,7 @@ import torch
 
 from bench import BenchError
 from bench.budget import Budget
-from bench.methods.base import CalibSpec
+from bench.methods.base import CalibSpec, as_calib
 from bench.methods.grads import backward_folded
 from bench.models import decoder_layers
 from bench.evals.perplexity import token_nll
@@ -124,10 +124,7 @@ class DepthPruner:
     def __post_init__(self):
         if self.criterion not in CRITERIA:
             raise BenchError(f"method.criterion={self.criterion!r}: allowed values are {', '.join(CRITERIA)}")
-        if self.criterion == "magnitude":
-            self.calib = None
-        elif not isinstance(self.calib, CalibSpec):
-            self.calib = CalibSpec(**dict(self.calib or {}))
+        self.calib = as_calib(self.calib, needed=self.criterion != "magnitude")
 
     @property
     def label(self) -> str:

@@ -26,7 +26,7 @@ import torch
 from bench import BenchError
 from bench.budget import Budget
 from bench.methods import width_criteria as wc
-from bench.methods.base import CalibSpec
+from bench.methods.base import CalibSpec, as_calib
 from bench.models import decoder_layers
 from bench.surgery import apply_width_plan
 
@@ -110,10 +110,7 @@ class WidthPruner:
         if self.criterion == "flap" and self.head_mode != "kv_groups":
             raise BenchError("method.head_mode=q_heads: flap's adaptive structure removes whole key/value groups; "
                              "allowed values for flap are kv_groups")
-        if self.criterion == "magnitude":
-            self.calib = None
-        elif not isinstance(self.calib, CalibSpec):
-            self.calib = CalibSpec(**dict(self.calib or {}))
+        self.calib = as_calib(self.calib, needed=self.criterion != "magnitude")
 
     @property
     def label(self) -> str:
