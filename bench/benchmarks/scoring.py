@@ -99,3 +99,7 @@ def main(overrides: list[str]) -> None:
         p.join()
         print(f"  {what:<40} before {before:5.0f} MiB   peak {peak:5.0f} MiB (+{peak - before:4.0f})   "
               f"after {after:5.0f} MiB (+{after - before:4.0f})")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
