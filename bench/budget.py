@@ -11,7 +11,7 @@ they come from the model's own parameters (a meta-device model when only the con
 from __future__ import annotations
 
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from decimal import ROUND_HALF_UP, Decimal
 
 from bench import BenchError
@@ -64,7 +64,10 @@ def _main(argv: list[str]) -> None:
     if cfg.model.get("arch") is None:
         raise BenchError(f"model={cfg.model.name}: no `arch` in its config, so its budget needs the checkpoint")
     budget = resolve_budget(build_from_config(hf_config(cfg.model)), float(cfg.ratio))
-    rows = asdict(budget) | achieved(budget, budget.target_params)
+    rows = {"dense_params": budget.dense_params, "n_blocks": budget.n_blocks,
+            "params_per_block": budget.params_per_block, "remove_blocks": budget.remove_blocks,
+            "params_after": budget.target_params} | achieved(budget, budget.target_params)
+    del rows["params"]
     width = max(len(k) for k in rows)
     print(f"{cfg.model.name} ratio={cfg.ratio}")
     for key, value in rows.items():
