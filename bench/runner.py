@@ -103,13 +103,11 @@ def prune(cfg, method, model, tokenizer, budget, out: Path, timing: dict) -> dic
 
 def calib_spec(cfg, method) -> CalibSpec | None:
     """The method's own calibration (its paper's), or with `calibration=shared` the one set every method gets."""
+    if cfg.calibration not in ("native", "shared"):
+        raise BenchError(f"calibration={cfg.calibration!r}: allowed values are native, shared")
     if method.calib is None:
         return None
-    if cfg.calibration == "native":
-        return method.calib
-    if cfg.calibration == "shared":
-        return CalibSpec(**cfg.shared_calib)
-    raise BenchError(f"calibration={cfg.calibration!r}: allowed values are native, shared")
+    return method.calib if cfg.calibration == "native" else CalibSpec(**cfg.shared_calib)
 
 
 def scores_csv(scores) -> str:
@@ -127,6 +125,10 @@ def scores_csv(scores) -> str:
 def run_cell(cfg) -> Path:
     """Run one cell; skip it if its records already exist. Returns the cell directory."""
     method = build_method(cfg.method)
+    calib_spec(cfg, method)
+    unknown = [stage for stage in cfg.eval.stages if stage not in STAGES]
+    if unknown:
+        raise BenchError(f"eval.stages: {unknown[0]!r} is not a stage; allowed values are {', '.join(STAGES)}")
     ratio = float(cfg.ratio) if method.prunes else 0.0
     out = cell_dir(cfg, method.label, ratio)
     if (out / RECORDS).exists():
@@ -142,9 +144,8 @@ def run_cell(cfg) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     write_atomic(out / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
 
-    timing, plan = {}, {"kind": "dense"}
-    if method.prunes:
-        plan = prune(cfg, method, model, tokenizer, budget, out, timing)
+    timing = {}
+    plan = prune(cfg, method, model, tokenizer, budget, out, timing) if method.prunes else method.plan(None, None)
     params = count_params(model)
     write_json(out / "plan.json", plan)
     log.info("%s: %d -> %d params", method.label, dense_params, params)
@@ -152,15 +153,12 @@ def run_cell(cfg) -> Path:
     ident = {"model": cfg.model.name, "method": method.label, "kind": plan["kind"], "ratio": ratio, "params": params,
              "dense_params": dense_params}
     if budget:
-        ident |= achieved(budget, params) | {"target_params": plan.get("target_params", budget.target_params),
-                                             "budget_matched": plan.get("budget_matched", True)}
+        ident |= achieved(budget, params) | {k: plan[k] for k in ("target_params", "budget_matched")}
     else:
         ident |= {"removed_frac_block_params": 0.0, "removed_frac_total_params": 0.0}
     prov = provenance(cfg, model.device, model.dtype) | timing
     rows = []
     for stage in cfg.eval.stages:
-        if stage not in STAGES:
-            raise BenchError(f"eval.stages: {stage!r} is not a stage; allowed values are {', '.join(STAGES)}")
         rows += [ident | row | prov for row in STAGES[stage](model, tokenizer, cfg)]
     write_records(out / RECORDS, rows)
     log.info("%s: %d records in %.1f s", out, len(rows), time.perf_counter() - t_cell)

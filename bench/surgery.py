@@ -7,6 +7,7 @@ plain, consistent HF model: config, per-module indices and KV-cache layout all f
 from __future__ import annotations
 
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 
@@ -17,9 +18,11 @@ def _set_blocks(model, blocks: list[torch.nn.Module], keep: list[int]) -> None:
     model.model.layers = torch.nn.ModuleList(blocks)
     config = model.config
     config.num_hidden_layers = len(blocks)
-    # Models with per-layer attention kinds (Gemma 3, Qwen2: sliding vs full) describe them in config.layer_types.
-    if getattr(config, "layer_types", None) is not None:
-        config.layer_types = [config.layer_types[i] for i in keep]
+    # Per-layer lists follow the blocks: attention kinds (Gemma 3, Qwen2: sliding vs full) and the sizes of a
+    # width-pruned model.
+    for key in ("layer_types", "layer_shapes"):
+        if getattr(config, key, None) is not None:
+            setattr(config, key, [getattr(config, key)[i] for i in keep])
 
 
 def remove_blocks(model, remove: list[int]):
@@ -44,14 +47,15 @@ def blocks_view(model, keep: list[int]):
     """Temporarily run `model` with only blocks `keep` (no copy, no cache use): the criteria's way of asking
     "what if these blocks were gone". Restores the model on exit."""
     layers, config = decoder_layers(model), model.config
-    saved = (layers, config.num_hidden_layers, getattr(config, "layer_types", None))
+    saved = {key: getattr(config, key, None) for key in ("num_hidden_layers", "layer_types", "layer_shapes")}
     _set_blocks(model, [layers[i] for i in keep], keep)
     try:
         yield model
     finally:
-        model.model.layers, config.num_hidden_layers = saved[0], saved[1]
-        if saved[2] is not None:
-            config.layer_types = saved[2]
+        model.model.layers = layers
+        for key, value in saved.items():
+            if value is not None:
+                setattr(config, key, value)
 
 
 # --- width: attention heads, MLP channels, compensation biases ------------------------------------------------
@@ -165,7 +169,6 @@ def load_pruned(path, dtype: torch.dtype = torch.float32):
     at the base sizes, reshaped from config.layer_shapes, then the saved weights are loaded."""
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM
-    from pathlib import Path
 
     config = AutoConfig.from_pretrained(path)
     shapes = getattr(config, "layer_shapes", None)

