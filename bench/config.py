@@ -23,9 +23,12 @@ def choices(group: str) -> list[str]:
 
 def check_choices(overrides: list[str]) -> None:
     for arg in overrides:
-        key, sep, value = arg.lstrip("+~").partition("=")
-        if sep and key in GROUPS and "," not in value and value not in choices(key):
-            raise BenchError(f"{key}={value!r}: allowed values are {', '.join(choices(key))}")
+        key, sep, values = arg.lstrip("+~").partition("=")
+        if not sep or key not in GROUPS:
+            continue
+        for value in values.split(","):  # a multirun sweeps a comma-separated list
+            if value not in choices(key):
+                raise BenchError(f"{key}={value!r}: allowed values are {', '.join(choices(key))}")
 
 
 def compose(overrides: list[str] | None = None) -> DictConfig:

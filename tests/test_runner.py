@@ -118,3 +118,15 @@ def test_shared_calibration_switch(cfg_for):
     plan = json.loads((out / "plan.json").read_text())
     assert plan["calibration"] == "shared" and plan["calib"]["n_samples"] == 4
     assert torch.load(out / "calib.pt").shape == (4, 128)
+
+
+def test_multirun_sweeps_cells_in_one_process(tmp_path, data_root):
+    out = tmp_path / "sweep"
+    run = cli("-m", "model=tiny-llama", "method=dense,depth_magnitude", "ratio=0.25,0.4", "eval.ppl.max_windows=1",
+              f"out_dir={out}", data_root=data_root, tmp_path=tmp_path)
+    assert run.returncode == 0, run.stderr
+    cells = sorted(p.parent.relative_to(out).as_posix() for p in out.rglob("records.jsonl"))
+    # dense ignores ratio: its second point is skipped, not run twice
+    assert cells == ["tiny-llama/dense/r0", "tiny-llama/depth_magnitude+/r0.25", "tiny-llama/depth_magnitude+/r0.4"]
+    bad = cli("-m", "method=dense,nope", data_root=data_root, tmp_path=tmp_path)
+    assert bad.returncode != 0 and "method='nope': allowed values are" in bad.stderr
