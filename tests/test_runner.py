@@ -66,6 +66,7 @@ def test_dense_then_report(cfg_for, tmp_path):
     run_cell(cfg_for("model=tiny-llama", "method=dense", "eval.ppl.max_windows=2"))
     run_cell(cfg_for("model=tiny-llama", "method=depth_magnitude", "ratio=0.25", "eval.ppl.max_windows=2"))
     md, csv = write_tables(tmp_path / "results")
+    assert (md.name, csv.name) == ("main.md", "main.csv")
     table = pd.read_csv(csv)
     assert list(table.method) == ["dense", "depth_magnitude+"]
     assert list(table.ratio) == [0.0, 0.25]

@@ -1,0 +1,162 @@
+"""Zero-shot accuracy through lm-eval on the paper's seven tasks, on the pruned model held in memory.
+
+lm-eval's `simple_evaluate` with `HFLM(pretrained=<model>)`: no save and reload. Online, lm-eval's built-in tasks
+(the hub datasets). Offline (a data root), local variants: each is a task YAML that *includes* the built-in one
+and overrides only the dataset, pointing it at the same documents converted to the hub schema from the files in
+the data root (shared/data/README.md gives their formats). Prompts, choices, targets and metrics are therefore
+lm-eval's own.
+
+The paper's metric per task (../shared/docs/methods.md section 2.2): boolq acc, piqa acc, hellaswag acc_norm,
+winogrande acc, arc_easy acc, arc_challenge acc_norm, openbookqa acc_norm; both metrics are recorded.
+
+    python -m bench method=depth_ppl eval.stages=[zeroshot] eval.zeroshot.limit=50
+"""
+
+from __future__ import annotations
+
+import bz2
+import csv
+import json
+import logging
+import re
+import time
+from pathlib import Path
+
+from bench import BenchError
+
+log = logging.getLogger("bench.zeroshot")
+
+TASKS = ("boolq", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa")  # the paper's order
+PAPER_METRIC = {"boolq": "acc", "piqa": "acc", "hellaswag": "acc_norm", "winogrande": "acc", "arc_easy": "acc",
+                "arc_challenge": "acc_norm", "openbookqa": "acc_norm"}
+BUILTIN = {"boolq": "super_glue/boolq/default.yaml", "piqa": "piqa/piqa.yaml", "hellaswag": "hellaswag/hellaswag.yaml",
+           "winogrande": "winogrande/default.yaml", "arc_easy": "arc/arc_easy.yaml",
+           "arc_challenge": "arc/arc_challenge.yaml", "openbookqa": "openbookqa/openbookqa.yaml"}
+SPLIT = {"boolq": "validation", "piqa": "validation", "hellaswag": "validation", "winogrande": "validation",
+         "arc_easy": "test", "arc_challenge": "test", "openbookqa": "test"}  # the split lm-eval evaluates
+LOCAL_FILES = {"boolq": ["boolq/val.jsonl"], "piqa": ["piqa/valid.jsonl", "piqa/valid-labels.lst"],
+               "hellaswag": ["hellaswag/hellaswag_val_full.txt.bz2"],
+               "winogrande": ["winogrande/dev.json", "winogrande/dev-labels.lst"],
+               "arc_easy": ["arc_easy/ARC-Easy-Test.jsonl"], "arc_challenge": ["arc_challenge/ARC-Challenge-Test.jsonl"],
+               "openbookqa": ["openbookqa/test.tsv"]}
+
+
+def _files(task: str, data_root) -> list[Path]:
+    paths = [Path(data_root) / f for f in LOCAL_FILES[task]]
+    for p in paths:
+        if not p.is_file():
+            raise BenchError(f"missing data file {p}: set data_root (env BENCH_DATA) to a directory laid out as "
+                             f"shared/data, or data_root=null to use the HF hub")
+    return paths
+
+
+def _lines(path: Path) -> list[str]:
+    return path.read_text(encoding="utf-8").splitlines()
+
+
+def _arc(path: Path) -> list[dict]:
+    docs = []
+    for line in _lines(path):
+        r = json.loads(line)
+        docs.append({"id": r["id"], "question": r["question"]["stem"], "answerKey": r["answerKey"],
+                     "choices": {"text": [c["text"] for c in r["question"]["choices"]],
+                                 "label": [c["label"] for c in r["question"]["choices"]]}})
+    return docs
+
+
+def local_docs(task: str, data_root) -> list[dict]:
+    """The task's evaluation documents from the data root, in the schema of the hub dataset lm-eval loads."""
+    if task not in TASKS:
+        raise BenchError(f"eval.zeroshot.tasks: {task!r}; allowed values are {', '.join(TASKS)}")
+    files = _files(task, data_root)
+    if task == "boolq":  # SuperGLUE labels are strings here; the hub has 0 / 1
+        return [{**r, "label": int(r["label"] in (True, "true"))} for r in map(json.loads, _lines(files[0]))]
+    if task == "piqa":
+        return [{**json.loads(doc), "label": int(label)} for doc, label in zip(_lines(files[0]), _lines(files[1]))]
+    if task == "hellaswag":
+        # 6 lines per task: preprocess(activity_label) + ": " + preprocess(ctx), label, 4 endings. lm-eval's
+        # process_docs rebuilds the query as preprocess(activity_label + ": " + ctx_a + " " + ctx_b.capitalize()),
+        # which gives back this line with ctx_b empty.
+        with bz2.open(files[0], "rt", encoding="utf-8") as f:
+            lines = f.read().splitlines()
+        docs = []
+        for i in range(0, len(lines) - 5, 6):
+            label, _, ctx = lines[i].partition(": ")
+            docs.append({"activity_label": label, "ctx_a": ctx, "ctx_b": "", "ctx": ctx,
+                         "endings": lines[i + 2:i + 6], "label": lines[i + 1]})
+        return docs
+    if task == "winogrande":
+        return [{"sentence": r["sentence"], "option1": r["option1"], "option2": r["option2"], "answer": label}
+                for r, label in zip(json.loads(files[0].read_text()), _lines(files[1]))]
+    if task in ("arc_easy", "arc_challenge"):
+        return _arc(files[0])
+    docs = []  # openbookqa: TSV with the choices in one "(A) .. (B) .." string
+    with files[0].open(encoding="utf-8") as f:
+        for r in csv.DictReader(f, delimiter="\t"):
+            parts = re.split(r"\s*\(([A-D])\)\s", " " + r["Choices"])[1:]
+            docs.append({"id": r["ID"], "question_stem": r["Question Stem"], "answerKey": r["Answer Key"],
+                         "choices": {"label": parts[0::2], "text": [t.strip() for t in parts[1::2]]}})
+    return docs
+
+
+def local_tasks(tasks, data_root, out_dir: Path) -> Path:
+    """Write `<task>_local` task YAMLs (built-in task + local dataset) and their jsonl documents into out_dir."""
+    import lm_eval
+
+    builtin_dir = Path(lm_eval.__file__).parent / "tasks"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for task in tasks:
+        docs = out_dir / f"{task}.jsonl"
+        docs.write_text("".join(json.dumps(d) + "\n" for d in local_docs(task, data_root)), encoding="utf-8")
+        split = SPLIT[task]
+        (out_dir / f"{task}_local.yaml").write_text(
+            f"include: {builtin_dir / BUILTIN[task]}\n"
+            f"task: {task}_local\n"
+            "tag: []\n"
+            "dataset_path: json\n"
+            "dataset_name: null\n"
+            f"dataset_kwargs:\n  data_files:\n    {split}: {docs}\n"
+            "training_split: null\n"
+            f"validation_split: {'validation' if split == 'validation' else 'null'}\n"
+            f"test_split: {'test' if split == 'test' else 'null'}\n", encoding="utf-8")
+    return out_dir
+
+
+def evaluate(model, tokenizer, cfg) -> list[dict]:
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    zcfg = cfg.eval.zeroshot
+    data_root = cfg.get("data_root") or None
+    tasks = list(zcfg.tasks)
+    if data_root:
+        manager = TaskManager(include_path=str(local_tasks(tasks, data_root, Path(cfg.cache_dir) / "lm_eval_tasks")))
+        names = {t: f"{t}_local" for t in tasks}
+    else:
+        manager, names = TaskManager(), {t: t for t in tasks}
+    t0 = time.perf_counter()
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=zcfg.batch_size)
+    out = simple_evaluate(model=lm, tasks=list(names.values()), num_fewshot=0, limit=zcfg.get("limit"),
+                          task_manager=manager, log_samples=False, random_seed=int(cfg.seed),
+                          numpy_random_seed=int(cfg.seed), torch_random_seed=int(cfg.seed))
+    elapsed = time.perf_counter() - t0
+    source = "local" if data_root else "hub"
+    rows, paper = [], []
+    for task in tasks:
+        res, n = out["results"][names[task]], out["n-samples"][names[task]]["effective"]
+        for metric in ("acc", "acc_norm"):
+            if f"{metric},none" not in res:
+                continue
+            value, se = res[f"{metric},none"], res.get(f"{metric}_stderr,none")
+            rows.append({"stage": "zeroshot", "task": task, "metric": metric, "value": value,
+                         "stderr": se if isinstance(se, float) else None, "n": n, "unit": "",
+                         "paper_metric": metric == PAPER_METRIC[task], "data_source": source, "elapsed_s": elapsed})
+            if metric == PAPER_METRIC[task]:
+                paper.append(value)
+        log.info("%s: %s %.4f (n=%d)", task, PAPER_METRIC[task], res[f"{PAPER_METRIC[task]},none"], n)
+    if len(paper) == len(TASKS):
+        rows.append({"stage": "zeroshot", "task": "average", "metric": "paper", "value": sum(paper) / len(paper),
+                     "stderr": None, "n": len(paper), "unit": "", "paper_metric": True, "data_source": source,
+                     "elapsed_s": elapsed})
+    return rows

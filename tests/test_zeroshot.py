@@ -1,0 +1,97 @@
+"""Zero-shot through lm-eval: local task variants present lm-eval's own documents, prompts, choices and targets."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from bench import BenchError
+from bench.evals.zeroshot import BUILTIN, PAPER_METRIC, TASKS, evaluate, local_docs, local_tasks
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+needs_data = pytest.mark.skipif(not (DATA / "README.md").exists(), reason="../shared/data not present")
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+
+
+def builtin_view(task: str, doc: dict):
+    """(prompt, choices, gold) from lm-eval's built-in task definition applied directly to a hub-schema doc."""
+    import datasets
+    import lm_eval
+    from lm_eval.tasks._yaml_loader import load_yaml
+    from lm_eval.utils import apply_template
+
+    cfg = load_yaml(Path(lm_eval.__file__).parent / "tasks" / BUILTIN[task])
+    if "process_docs" in cfg:
+        doc = cfg["process_docs"](datasets.Dataset.from_list([doc]))[0]
+
+    def run(field):
+        spec = cfg[field]
+        if callable(spec):
+            return spec(doc)
+        if isinstance(spec, list):
+            return spec
+        if spec in doc:
+            return doc[spec]
+        return apply_template(spec, doc)
+
+    choices = run("doc_to_choice")
+    choices = eval(choices) if isinstance(choices, str) else choices  # a rendered "{{[a, b]}}" list
+    gold = run("doc_to_target")  # winogrande scores partially: its "text" is the gold index, its target a string
+    gold = int(gold) if isinstance(gold, str) and gold.isdigit() else gold
+    return run("doc_to_text"), list(choices), gold
+
+
+@needs_data
+def test_local_tasks_match_builtin_definitions(tmp_path):
+    from lm_eval.tasks import TaskManager, get_task_dict
+
+    manager = TaskManager(include_path=str(local_tasks(TASKS, DATA, tmp_path)))
+    loaded = get_task_dict([f"{t}_local" for t in TASKS], manager)
+    for task in TASKS:
+        local = loaded[f"{task}_local"]
+        doc = next(iter(local.eval_docs))
+        prompt, choices = local.doc_to_text(doc), local.doc_to_choice(doc)
+        gold = local.doc_to_target(doc)
+        assert (prompt, list(choices), gold) == builtin_view(task, local_docs(task, DATA)[0]), task
+        assert [m["metric"] for m in local.config.metric_list][:2] == (
+            ["acc", "acc_norm"] if task not in ("boolq", "winogrande") else ["acc"]), task
+    hella = loaded["hellaswag_local"]
+    first = next(iter(hella.eval_docs))
+    assert hella.doc_to_text(first) == "Roof shingle removal: A man is sitting on a roof. he"
+    assert hella.doc_to_target(first) == 3
+    obqa = next(iter(loaded["openbookqa_local"].eval_docs))
+    assert obqa["choices"]["text"][1] == "quit eating lunch out" and loaded["openbookqa_local"].doc_to_target(obqa) == 1
+
+
+@needs_data
+def test_local_document_counts():
+    counts = {t: len(local_docs(t, DATA)) for t in TASKS}
+    assert counts == {"boolq": 3270, "piqa": 1838, "hellaswag": 10042, "winogrande": 1267, "arc_easy": 2376,
+                      "arc_challenge": 1172, "openbookqa": 500}
+
+
+@needs_data
+def test_zeroshot_rows_for_all_seven_tasks(cfg_for):
+    from bench.models import load_model
+
+    cfg = cfg_for("model=tiny-llama", f"data_root={DATA}", "eval.zeroshot.limit=2", "eval.zeroshot.batch_size=4")
+    model, tok = load_model(cfg.model, cfg.cache_dir, "cpu", "float32")
+    rows = evaluate(model, tok, cfg)
+    paper = {(r["task"], r["metric"]) for r in rows if r["paper_metric"]}
+    assert paper == {(t, PAPER_METRIC[t]) for t in TASKS} | {("average", "paper")}
+    assert all(r["n"] == 2 and 0 <= r["value"] <= 1 and r["data_source"] == "local" for r in rows
+               if r["task"] != "average")
+
+
+def test_missing_task_file_names_it(tmp_path):
+    with pytest.raises(BenchError, match=r"missing data file .*piqa/valid-labels.lst"):
+        (tmp_path / "piqa").mkdir()
+        (tmp_path / "piqa" / "valid.jsonl").write_text("{}\n")
+        local_docs("piqa", tmp_path)
