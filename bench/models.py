@@ -19,7 +19,6 @@ import sys
 import time
 import zipfile
 from pathlib import Path
-from typing import Any
 
 import torch
 

@@ -183,7 +183,6 @@ def test_budget_match_ratio_targets_the_ratio_itself():
     budget = resolve_budget(model, 0.2)
     m = WidthPruner(name="w", criterion="magnitude", budget_match="ratio")
     assert m.target(budget) == budget.dense_params - round(0.2 * 32 * 202_383_360)
-    geo = [layer_geometry(layer) for layer in model.model.layers]
     zeros = {"q": [[0.0] * 32] * 32, "kv": [[0.0] * 32] * 32, "channel": [[0.0] * 11008] * 32}
     plan = m.plan(zeros, budget, model)
     assert abs(plan["predicted_params"] - m.target(budget)) <= 0.005 * budget.dense_params

@@ -72,7 +72,8 @@ def local_docs(task: str, data_root) -> list[dict]:
     if task == "boolq":  # SuperGLUE labels are strings here; the hub has 0 / 1
         return [{**r, "label": int(r["label"] in (True, "true"))} for r in map(json.loads, _lines(files[0]))]
     if task == "piqa":
-        return [{**json.loads(doc), "label": int(label)} for doc, label in zip(_lines(files[0]), _lines(files[1]))]
+        return [{**json.loads(doc), "label": int(label)}
+                for doc, label in zip(_lines(files[0]), _lines(files[1]), strict=True)]
     if task == "hellaswag":
         # 6 lines per task: preprocess(activity_label) + ": " + preprocess(ctx), label, 4 endings. lm-eval's
         # process_docs rebuilds the query as preprocess(activity_label + ": " + ctx_a + " " + ctx_b.capitalize()),
@@ -87,7 +88,7 @@ def local_docs(task: str, data_root) -> list[dict]:
         return docs
     if task == "winogrande":
         return [{"sentence": r["sentence"], "option1": r["option1"], "option2": r["option2"], "answer": label}
-                for r, label in zip(json.loads(files[0].read_text()), _lines(files[1]))]
+                for r, label in zip(json.loads(files[0].read_text()), _lines(files[1]), strict=True)]
     if task in ("arc_easy", "arc_challenge"):
         return _arc(files[0])
     docs = []  # openbookqa: TSV with the choices in one "(A) .. (B) .." string
