@@ -72,7 +72,8 @@ def _keep(linear: torch.nn.Linear, keep: torch.Tensor, dim: int) -> None:
         (tp.prune_linear_out_channels if dim == 0 else tp.prune_linear_in_channels)(linear, removed)
 
 
-def _head_rows(heads: list[int], head_dim: int) -> torch.Tensor:
+def head_rows(heads: list[int], head_dim: int) -> torch.Tensor:
+    """The q/k/v output rows (= o_proj input columns) owned by `heads`: head_dim consecutive ones each."""
     return (torch.tensor(heads, dtype=torch.long)[:, None] * head_dim + torch.arange(head_dim)).flatten()
 
 
@@ -93,7 +94,7 @@ def prune_heads(attn, keep_q: list[int], keep_kv: list[int]) -> None:
         raise ValueError(f"query heads {keep_q} and key/value heads {keep_kv} do not form uniform GQA groups "
                          f"(a key/value head would be orphaned or groups would differ in size)")
     d = attn.head_dim
-    q_rows, kv_rows = _head_rows(keep_q, d), _head_rows(keep_kv, d)
+    q_rows, kv_rows = head_rows(keep_q, d), head_rows(keep_kv, d)
     _keep(attn.q_proj, q_rows, 0)
     _keep(attn.k_proj, kv_rows, 0)
     _keep(attn.v_proj, kv_rows, 0)
@@ -146,7 +147,7 @@ def apply_width_plan(model, plan: dict):
         d = attn.head_dim
         n_q, n_kv = attn.q_proj.out_features // d, attn.k_proj.out_features // d
         if spec.get("o_bias_mean") is not None:
-            add_bias(attn.o_proj, _compensation(attn.o_proj, _head_rows(spec["remove_q"], d), spec["o_bias_mean"]))
+            add_bias(attn.o_proj, _compensation(attn.o_proj, head_rows(spec["remove_q"], d), spec["o_bias_mean"]))
         if spec.get("down_bias_mean") is not None:
             add_bias(mlp.down_proj, _compensation(mlp.down_proj, torch.tensor(spec["remove_channels"]),
                                                   spec["down_bias_mean"]))

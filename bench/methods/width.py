@@ -28,7 +28,7 @@ from bench.budget import Budget
 from bench.methods import width_criteria as wc
 from bench.methods.base import CalibSpec, as_calib
 from bench.models import decoder_layers
-from bench.surgery import apply_width_plan
+from bench.surgery import apply_width_plan, head_rows
 
 CRITERIA = ("llm_pruner", "wanda_sp", "flap", "magnitude")
 HEAD_MODES = ("kv_groups", "q_heads")
@@ -62,6 +62,10 @@ def layer_geometry(layer) -> LayerGeometry:
                          channel_params=_numel_row(mlp.gate_proj) + _numel_row(mlp.up_proj) + mlp.down_proj.out_features,
                          hidden=attn.o_proj.out_features, o_bias=attn.o_proj.bias is not None,
                          down_bias=mlp.down_proj.bias is not None)
+
+
+def model_geometry(model) -> list[LayerGeometry]:
+    return [layer_geometry(layer) for layer in decoder_layers(model)]
 
 
 def head_units(g: LayerGeometry, mode: str) -> tuple[int, int]:
@@ -129,7 +133,7 @@ class WidthPruner:
     def check(self, budget: Budget, model=None) -> None:
         if model is None:
             return
-        geo = [layer_geometry(layer) for layer in decoder_layers(model)]
+        geo = model_geometry(model)
         if self.head_mode == "q_heads" and any(g.n_q == g.n_kv for g in geo):
             raise BenchError("method.head_mode=q_heads needs grouped-query attention (more query than key/value "
                              "heads); allowed values for this model are kv_groups")
@@ -188,7 +192,7 @@ class WidthPruner:
         if self.criterion == "llm_pruner":
             key["taylor"] = self.taylor
         if self.criterion == "wanda_sp":  # sequential: later layers' scores depend on earlier decisions
-            geo = [layer_geometry(layer) for layer in decoder_layers(model)]
+            geo = model_geometry(model)
             key["counts"] = sorted(self.solve_counts(geo, budget.dense_params, self.target(budget)).items())
         return key
 
@@ -199,14 +203,14 @@ class WidthPruner:
             return wc.magnitude_scores(model)
         if self.criterion == "flap":
             return wc.flap_scores(model, calib_ids, self.batch_size)
-        geo = [layer_geometry(layer) for layer in decoder_layers(model)]
+        geo = model_geometry(model)
         counts = self.solve_counts(geo, budget.dense_params, self.target(budget))
 
         def select(li, scores):
             spec = self._select_layer(li, geo[li], scores, counts.get(li, (0, 0)))
-            return (torch.tensor(_head_channels(spec["remove_q"], geo[li].head_dim), dtype=torch.long),
-                    torch.tensor(spec["remove_channels"], dtype=torch.long))
-        return wc.wanda_sp_scores(model, calib_ids, [], select, self.batch_size)
+            return head_rows(spec["remove_q"], geo[li].head_dim), torch.tensor(spec["remove_channels"],
+                                                                                  dtype=torch.long)
+        return wc.wanda_sp_scores(model, calib_ids, select, self.batch_size)
 
     def _unit_scores(self, li: int, g: LayerGeometry, scores: dict) -> list[tuple[float, list[int], list[int]]]:
         """(score, query heads, key/value heads) of every head unit of a layer; a unit scores the sum of its
@@ -269,7 +273,7 @@ class WidthPruner:
         return {li: {k: sorted(v) for k, v in spec.items()} for li, spec in out.items()}
 
     def plan(self, scores: dict, budget: Budget, model=None) -> dict:
-        geo = [layer_geometry(layer) for layer in decoder_layers(model)]
+        geo = model_geometry(model)
         target = self.target(budget)
         if self.criterion == "flap":
             need = budget.dense_params - target
@@ -278,14 +282,13 @@ class WidthPruner:
         else:
             counts = self.solve_counts(geo, budget.dense_params, target)
             layers = {li: self._select_layer(li, geo[li], scores, c) for li, c in counts.items()}
-            h, c = next(iter(counts.values()))
-            units = head_units(geo[next(iter(counts))], self.head_mode)[0]
-            ratio_used = {"head_units": h, "head_fraction": h / units, "channels": c,
-                          "channel_fraction": c / geo[next(iter(counts))].channels}
+            first, (h, c) = next(iter(counts.items()))  # uniform: every prunable layer has the same counts
+            ratio_used = {"head_units": h, "head_fraction": h / head_units(geo[first], self.head_mode)[0],
+                          "channels": c, "channel_fraction": c / geo[first].channels}
         for li, spec in layers.items():
             if self.criterion == "flap" and self.bias:
-                spec["o_bias_mean"] = ([scores["o_mean"][li][j] for j in _head_channels(spec["remove_q"], geo[li].head_dim)]
-                                       if spec["remove_q"] else None)
+                cols = head_rows(spec["remove_q"], geo[li].head_dim).tolist()
+                spec["o_bias_mean"] = [scores["o_mean"][li][j] for j in cols] if cols else None
                 spec["down_bias_mean"] = ([scores["down_mean"][li][j] for j in spec["remove_channels"]]
                                           if spec["remove_channels"] else None)
         predicted = budget.dense_params - sum(
@@ -306,6 +309,3 @@ class WidthPruner:
     def apply(self, model, plan: dict):
         return apply_width_plan(model, plan)
 
-
-def _head_channels(heads: list[int], d: int) -> list[int]:
-    return [h * d + j for h in heads for j in range(d)]

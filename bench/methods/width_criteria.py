@@ -151,7 +151,7 @@ def _mask_hook(removed: torch.Tensor):
 
 
 @torch.no_grad()
-def wanda_sp_scores(model, ids: torch.Tensor, remove_counts: list[dict], select, batch_size: int = 16) -> dict:
+def wanda_sp_scores(model, ids: torch.Tensor, select, batch_size: int = 16) -> dict:
     """Wanda-sp (FLAP repo lib/prune.py::prune_wanda_sp), sequential as in the original: block l is scored on
     the outputs of blocks < l *after* their pruning, its units are chosen (`select(l, scores) -> removed o_proj /
     down_proj input channels`), its pruned outputs feed block l + 1. Pruning is simulated by zeroing the removed
