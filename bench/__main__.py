@@ -2,6 +2,11 @@
 
     python -m bench model=smollm2-135m method=depth_ppl ratio=0.35
     python -m bench -m method=depth_ppl,depth_taylor ratio=0.2,0.35 eval=quick
+    python -m bench -m +sweep=default                      # a sweep config (conf/sweep/)
+
+A single run exits with the error. In a multirun a failing cell is logged and recorded (the cell's error.json,
+the job's status.json) and the sweep goes on; it ends with a summary of the cells run, skipped and failed
+(bench/sweep.py). Rerunning the same command redoes only the cells without records.
 """
 
 import logging
@@ -12,17 +17,38 @@ import hydra
 from bench import BenchError
 from bench.config import CONF_DIR, check_choices
 
+log = logging.getLogger("bench")
+
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
-def main(cfg) -> None:
-    from bench.runner import run_cell
+def main(cfg) -> str:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
 
-    logging.getLogger("bench").setLevel(logging.INFO)
+    from bench.records import RECORDS
+    from bench.runner import cell, run_cell
+    from bench.sweep import write_status
+
+    log.setLevel(logging.INFO)
+    hc = HydraConfig.get()
+    multirun = hc.mode == RunMode.MULTIRUN
+    status = {"overrides": list(hc.overrides.task)}
     try:
+        out = cell(cfg)[2]
+        status |= {"cell": str(out), "status": "skipped" if (out / RECORDS).exists() else "ran"}
         run_cell(cfg)
-    except BenchError as e:
-        logging.getLogger("bench").error("%s", e)
-        sys.exit(2)
+    except Exception as e:  # noqa: BLE001 (a sweep records any failure and goes on)
+        status |= {"status": "failed", "error": f"{type(e).__name__}: {e}"}
+        if not multirun:
+            if isinstance(e, BenchError):
+                log.error("%s", e)
+                sys.exit(2)
+            raise
+        log.exception("cell failed (recorded; the sweep goes on): %s", status.get("cell", status["overrides"]))
+    finally:
+        if multirun:
+            write_status(hc.runtime.output_dir, status)
+    return status["status"]
 
 
 if __name__ == "__main__":

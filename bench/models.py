@@ -74,13 +74,18 @@ def decoder_layers(model) -> torch.nn.ModuleList:
     return model.model.layers
 
 
-def load_model(mcfg, cache_dir: str | Path, device: str = "auto", dtype: str = "auto"):
-    """(model, tokenizer) on `device` in `dtype`, in eval mode."""
+def load_model(mcfg, cache_dir: str | Path, device: str = "auto", dtype: str = "auto", shape_only: bool = False):
+    """(model, tokenizer) on `device` in `dtype`, in eval mode. `shape_only`: random weights built from the
+    architecture on the device itself (a 7B model in seconds on a GPU, no download) and no tokenizer; good for
+    speed and memory only."""
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
-    source = mcfg.get("source", "hub")
+    source = "shape_only" if shape_only else mcfg.get("source", "hub")
     t0 = time.perf_counter()
-    if source == "random":
+    if shape_only:
+        torch.manual_seed(int(mcfg.get("init_seed", 0)))
+        model, tokenizer = build_from_config(hf_config(mcfg), device=dev, dtype=dt), None
+    elif source == "random":
         torch.manual_seed(int(mcfg.get("init_seed", 0)))
         model = build_from_config(hf_config(mcfg), device="cpu", dtype=torch.float32).to(device=dev, dtype=dt)
         tokenizer = byte_tokenizer()

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Iterable
 
 RECORDS = "records.jsonl"
+ERROR = "error.json"  # a failed cell: type, message, traceback and any rows measured before the failure
 
 
 def write_atomic(path: Path, data: str | bytes) -> None:

@@ -1,11 +1,16 @@
 """Report: paper-style tables from records alone (no torch, no models).
 
-    python -m bench.report results/default        # -> results/default/tables/main.{md,csv}
+    python -m bench.report results/default        # -> results/default/tables/main.{md,tex,csv}
 
 Rows are model x method x ratio (dense first; per ratio depth, then width); columns the achieved parameters,
 the perplexities (WikiText-2 and PTB with one BOS, the official ppl.csv and the paper's numbers, then with a BOS
-on every window, ppl_bos.csv) and, where the zero-shot stage ran, the seven tasks in the paper's order and metric
-(x100) with their average. Markdown cells show the stderr.
+on every window, ppl_bos.csv), where the zero-shot stage ran the seven tasks in the paper's order and metric (x100)
+with their average, and where the speed stage ran, eager generation at the shortest output length: latency at
+the smallest batch, throughput (tokens/s) and the interleaved speedup against dense at every batch size.
+
+Markdown cells show the stderr; in Markdown and LaTeX (booktabs) the best pruned value of each column within a
+model and ratio is bold (lowest perplexity and latency, highest accuracy, throughput and speedup). The CSV holds
+every value with its stderr and sample count.
 """
 
 from __future__ import annotations
@@ -25,10 +30,16 @@ ZEROSHOT_COLUMNS = [("boolq", "BoolQ"), ("piqa", "PIQA"), ("hellaswag", "HellaSw
 
 
 def _column(base: pd.DataFrame, sel: pd.DataFrame, col: str, scale: float = 1.0) -> pd.DataFrame:
+    """Add value / stderr / n columns for one metric; a metric no record has adds nothing."""
+    if sel.empty:
+        return base
     sel = sel[KEYS + ["value", "stderr", "n"]].copy()
     sel[["value", "stderr"]] = sel[["value", "stderr"]].astype(float) * scale
     return base.merge(sel.rename(columns={"value": col, "stderr": f"{col} stderr", "n": f"{col} n"}),
                       on=KEYS, how="left")
+
+
+LOWER_IS_BETTER = ("WikiText2", "PTB", "latency")
 
 
 def main_table(df: pd.DataFrame) -> pd.DataFrame:
@@ -43,17 +54,44 @@ def main_table(df: pd.DataFrame) -> pd.DataFrame:
         zs = df[(df.stage == "zeroshot") & (df.paper_metric == True)]  # noqa: E712 (column of objects)
         for task, col in ZEROSHOT_COLUMNS if not zs.empty else []:
             base = _column(base, zs[zs.task == task], col, scale=100.0)
+    if "runtime" in df:  # speed: eager generation at the shortest output length, every batch size measured
+        sp = df[(df.stage == "speed") & (df.status == "ok") & (df.runtime == "eager")]
+        sp = sp[sp.new_tokens == sp.new_tokens.min()]
+        smallest = sp[sp.batch_size == sp.batch_size.min()]
+        for b in smallest.batch_size.unique():
+            base = _column(base, smallest[smallest.metric == "latency_s"], f"latency bs{b:g} (s)")
+        for b in sorted(sp.batch_size.unique()):
+            at = sp[sp.batch_size == b]
+            base = _column(base, at[at.metric == "throughput_tok_s"], f"tok/s bs{b:g}")
+            base = _column(base, at[at.metric == "speedup"], f"speedup bs{b:g}")
     base["_kind"] = base.kind.map({"dense": 0, "depth": 1, "width": 2}).fillna(3)
     return base.sort_values(["model", "ratio", "_kind", "method"]).drop(columns="_kind").reset_index(drop=True)
 
 
-def to_markdown(table: pd.DataFrame) -> str:
-    show = pd.DataFrame({"model": table.model, "method": table.method, "ratio": table.ratio.map("{:g}".format),
+def metric_columns(table: pd.DataFrame) -> list[str]:
+    return [c for c in table if f"{c} stderr" in table]  # every metric, in the table's order
+
+
+def best_mask(table: pd.DataFrame, col: str) -> pd.Series:
+    """True where a pruned row holds the best value of `col` among the pruned rows of its model and ratio."""
+    pruned = table[table.kind != "dense"]
+    lower = col.startswith(LOWER_IS_BETTER)
+    best = pruned.groupby(["model", "ratio"])[col].transform("min" if lower else "max")
+    return (table[col] == best.reindex(table.index)) & table[col].notna() & (table.kind != "dense")
+
+
+def _identity(table: pd.DataFrame) -> pd.DataFrame:
+    return pd.DataFrame({"model": table.model, "method": table.method, "ratio": table.ratio.map("{:g}".format),
                          "params": table.params.map("{:,}".format),
                          "removed %": table.removed_pct.map("{:.1f}".format)})
-    for col in [c for _, _, c in PPL_COLUMNS] + [c for _, c in ZEROSHOT_COLUMNS]:
-        if col in table:
-            show[col] = [_cell(v, s) for v, s in zip(table[col], table[f"{col} stderr"])]
+
+
+def to_markdown(table: pd.DataFrame) -> str:
+    show = _identity(table)
+    for col in metric_columns(table):
+        best = best_mask(table, col)
+        show[col] = [f"**{_cell(v, s)}**" if b else _cell(v, s)
+                     for v, s, b in zip(table[col], table[f"{col} stderr"], best)]
     return show.to_markdown(index=False, disable_numparse=True) + "\n"
 
 
@@ -61,6 +99,34 @@ def _cell(value, stderr) -> str:
     if pd.isna(value):
         return "-"
     return f"{value:.2f} ± {stderr:.2f}" if pd.notna(stderr) and stderr > 0 else f"{value:.2f}"
+
+
+def _tex(text: str) -> str:
+    return str(text).replace("\\", "\\textbackslash{}").replace("&", "\\&").replace("%", "\\%").replace(
+        "_", "\\_").replace("#", "\\#")
+
+
+def to_latex(table: pd.DataFrame) -> str:
+    """A booktabs tabular: one block of rows per model and ratio, the best pruned value per column bold."""
+    cols = metric_columns(table)
+    ident, best = _identity(table), {col: best_mask(table, col) for col in cols}
+    head = ["Model", "Method", "Ratio", "Params", "Removed \\%"] + [_tex(c) for c in cols]
+    lines = ["\\begin{tabular}{lllrr" + "r" * len(cols) + "}", "\\toprule", " & ".join(head) + " \\\\",
+             "\\midrule"]
+    previous = None
+    for i in range(len(table)):
+        group = (table.model.iloc[i], table.ratio.iloc[i])
+        if previous is not None and group != previous:
+            lines.append("\\midrule")
+        previous = group
+        cells = [_tex(ident[k].iloc[i]) for k in ident]
+        for col in cols:
+            value = table[col].iloc[i]
+            text = "-" if pd.isna(value) else f"{value:.2f}"
+            cells.append(f"\\textbf{{{text}}}" if best[col].iloc[i] else text)
+        lines.append(" & ".join(cells) + " \\\\")
+    lines += ["\\bottomrule", "\\end{tabular}"]
+    return "\n".join(lines) + "\n"
 
 
 def write_tables(results_dir: str | Path) -> list[Path]:
@@ -71,8 +137,9 @@ def write_tables(results_dir: str | Path) -> list[Path]:
     table = main_table(df)
     out = results_dir / "tables"
     write_atomic(out / "main.md", to_markdown(table))
+    write_atomic(out / "main.tex", to_latex(table))
     write_atomic(out / "main.csv", table.to_csv(index=False))
-    return [out / "main.md", out / "main.csv"]
+    return [out / "main.md", out / "main.tex", out / "main.csv"]
 
 
 if __name__ == "__main__":

@@ -1,6 +1,13 @@
 """One cell, start to finish: load -> budget -> calibrate -> score (cached) -> plan -> prune -> evaluate -> record.
 
     python -m bench model=smollm2-135m method=depth_taylor ratio=0.2
+    python -m bench model=llama-7b shape_only=true method=depth_ppl eval.stages=[speed]    # no download
+
+The base model is loaded once per process and each pruning cell prunes a copy, so a multirun reads it from disk
+once; the untouched base is also the dense reference the speed stage interleaves with. A plan can come from a
+saved plan.json (`plan_file=`) instead of scoring; in shape-only mode (random weights built from the
+architecture) a method without a plan file uses its structural plan (units chosen by index), and only the speed
+stage may run.
 
 Writes to <out_dir>/<model>/<method>/r<ratio>/ (dense: r0):
     config.yaml    the resolved config
@@ -8,16 +15,21 @@ Writes to <out_dir>/<model>/<method>/r<ratio>/ (dense: r0):
     scores.csv     per-unit scores (depth: columns block, score; lower = less important)
     plan.json      the decision (depth: removed and kept block indices)
     records.jsonl  one row per stage x task x metric, with provenance; its presence marks the cell done
+    error.json     only after a failure: the error, its traceback and the rows measured before it
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import io
 import json
 import logging
+import math
+import os
 import platform
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -31,7 +43,7 @@ from bench.evals import STAGES
 from bench.methods import build_method
 from bench.methods.base import CalibSpec
 from bench.models import count_params, load_model
-from bench.records import RECORDS, write_atomic, write_json, write_records
+from bench.records import ERROR, RECORDS, write_atomic, write_json, write_records
 
 log = logging.getLogger("bench.run")
 
@@ -55,6 +67,7 @@ def provenance(cfg, device: torch.device, dtype: torch.dtype) -> dict:
 
     return {"seed": int(cfg.seed), "device": str(device), "device_name": device_name(device),
             "threads": torch.get_num_threads(), "dtype": str(dtype).removeprefix("torch."),
+            "host": platform.node(), "pid": os.getpid(),
             "torch": torch.__version__, "transformers": transformers.__version__, "bench": bench.__version__,
             "python": platform.python_version()}
 
@@ -75,8 +88,43 @@ def cached_scores(cfg, method, model, calib_ids, budget) -> tuple[list[float], b
     return scores, False
 
 
+_BASE: dict[str, tuple] = {}
+QUALITY_FREE_STAGES = ("speed",)  # the stages that mean something on random weights
+
+
+def base_model(cfg):
+    """(model, tokenizer) of the cell's base model, loaded once per process (the latest one is kept;
+    `reuse_base=false` reloads it for every cell)."""
+    key = json.dumps([OmegaConf.to_container(cfg.model, resolve=True), cfg.device, cfg.dtype,
+                      bool(cfg.get("shape_only"))], sort_keys=True, default=str)
+    if key not in _BASE or not cfg.get("reuse_base", True):
+        _BASE.clear()
+        _BASE[key] = load_model(cfg.model, cfg.cache_dir, cfg.device, cfg.dtype, bool(cfg.get("shape_only")))
+    return _BASE[key]
+
+
+def saved_plan(plan_file, method, budget) -> dict:
+    """A plan.json of an earlier run (`plan_file=`), checked against this cell's method and model."""
+    path = Path(plan_file)
+    if not path.is_file():
+        raise BenchError(f"plan_file={plan_file}: no such file")
+    plan = json.loads(path.read_text())
+    kind = type(method).__name__.removesuffix("Pruner").lower()
+    if plan.get("kind") != kind:
+        raise BenchError(f"plan_file={plan_file}: a {plan.get('kind')} plan, but method={method.label} needs "
+                         f"a {kind} plan")
+    if kind == "depth" and plan["n_layers"] != budget.n_blocks:
+        raise BenchError(f"plan_file={plan_file}: made for {plan['n_layers']} blocks, the model has "
+                         f"{budget.n_blocks}")
+    return plan | {"plan_file": str(path)}
+
+
 def prune(cfg, method, model, tokenizer, budget, out: Path, timing: dict) -> dict:
-    """Calibrate, score (cached), plan and apply; writes calib.pt and scores.csv. Returns the plan."""
+    """Calibrate, score (cached), plan and apply; writes calib.pt and scores.csv. Returns the plan. With a
+    plan file or in shape-only mode there is nothing to score."""
+    if cfg.get("plan_file") or cfg.get("shape_only"):
+        plan = saved_plan(cfg.plan_file, method, budget) if cfg.get("plan_file") else method.plan(None, budget, model)
+        return _apply(method, model, plan, timing)
     calib_ids, calib_source, calib = None, None, calib_spec(cfg, method)
     if calib is not None:
         calib_ids, calib_source = calibration_ids(tokenizer, calib.dataset, calib.n_samples, calib.seq_len,
@@ -92,6 +140,10 @@ def prune(cfg, method, model, tokenizer, budget, out: Path, timing: dict) -> dic
     plan = method.plan(scores, budget, model)
     plan |= {"calibration": cfg.calibration if calib else None, "calib": vars(calib) if calib else None,
              "calib_source": calib_source, "scores_cached": hit}
+    return _apply(method, model, plan, timing)
+
+
+def _apply(method, model, plan: dict, timing: dict) -> dict:
     t0 = time.perf_counter()
     method.apply(model, plan)
     timing["prune_s"] = time.perf_counter() - t0
@@ -122,21 +174,47 @@ def scores_csv(scores) -> str:
     return "".join(rows)
 
 
-def run_cell(cfg) -> Path:
-    """Run one cell; skip it if its records already exist. Returns the cell directory."""
+def cell(cfg):
+    """(method, ratio, cell directory) of a config, after checking what can be checked without a model."""
     method = build_method(cfg.method)
     calib_spec(cfg, method)
     unknown = [stage for stage in cfg.eval.stages if stage not in STAGES]
     if unknown:
         raise BenchError(f"eval.stages: {unknown[0]!r} is not a stage; allowed values are {', '.join(STAGES)}")
+    quality = [stage for stage in cfg.eval.stages if stage not in QUALITY_FREE_STAGES]
+    if cfg.get("shape_only") and quality:
+        raise BenchError(f"eval.stages: {quality[0]!r} needs real weights, but shape_only=true builds random ones; "
+                         f"allowed values with shape_only are {', '.join(QUALITY_FREE_STAGES)}")
+    if cfg.get("plan_file") and not method.prunes:
+        raise BenchError(f"plan_file is set but method={method.label} does not prune; allowed: a depth or width "
+                         f"method")
     ratio = float(cfg.ratio) if method.prunes else 0.0
-    out = cell_dir(cfg, method.label, ratio)
+    return method, ratio, cell_dir(cfg, method.label, ratio)
+
+
+def run_cell(cfg) -> Path:
+    """Run one cell; skip it if its records already exist. Returns the cell directory. A failure leaves
+    error.json (type, message, traceback, any rows already measured) and re-raises; a later success removes it."""
+    method, ratio, out = cell(cfg)
     if (out / RECORDS).exists():
         log.info("%s: done, skipping", out)
         return out
+    partial: list[dict] = []
+    try:
+        _run(cfg, method, ratio, out, partial)
+    except Exception as exc:
+        write_json(out / ERROR, {"error": type(exc).__name__, "message": str(exc),
+                                 "traceback": traceback.format_exc(), "rows": partial})
+        raise
+    (out / ERROR).unlink(missing_ok=True)
+    return out
+
+
+def _run(cfg, method, ratio: float, out: Path, rows: list[dict]) -> None:
     torch.manual_seed(int(cfg.seed))
     t_cell = time.perf_counter()
-    model, tokenizer = load_model(cfg.model, cfg.cache_dir, cfg.device, cfg.dtype)
+    base, tokenizer = base_model(cfg)
+    model = copy.deepcopy(base) if method.prunes else base  # pruning never touches the shared base
     dense_params = count_params(model)
     budget = resolve_budget(model, ratio) if method.prunes else None
     if budget:
@@ -151,15 +229,17 @@ def run_cell(cfg) -> Path:
     log.info("%s: %d -> %d params", method.label, dense_params, params)
 
     ident = {"model": cfg.model.name, "method": method.label, "kind": plan["kind"], "ratio": ratio, "params": params,
-             "dense_params": dense_params}
+             "dense_params": dense_params, "mode": "shape_only" if cfg.get("shape_only") else "weights"}
     if budget:
         ident |= achieved(budget, params) | {k: plan[k] for k in ("target_params", "budget_matched")}
     else:
         ident |= {"removed_frac_block_params": 0.0, "removed_frac_total_params": 0.0}
     prov = provenance(cfg, model.device, model.dtype) | timing
-    rows = []
     for stage in cfg.eval.stages:
-        rows += [ident | row | prov for row in STAGES[stage](model, tokenizer, cfg)]
+        dense = (lambda: base) if method.prunes else None
+        rows += [ident | row | prov for row in STAGES[stage](model, tokenizer, cfg, dense=dense)]
+        bad = [r for r in rows if r["stage"] == "ppl" and not math.isfinite(r["value"])]
+        if bad:
+            raise BenchError(f"{method.label} at ratio {ratio:g}: perplexity on {bad[0]['task']} is {bad[0]['value']}")
     write_records(out / RECORDS, rows)
     log.info("%s: %d records in %.1f s", out, len(rows), time.perf_counter() - t_cell)
-    return out

@@ -38,10 +38,12 @@ def data_root(tmp_path_factory):
 
 @pytest.fixture()
 def cfg_for(tmp_path, data_root):
-    """Compose the run config for a list of overrides, with results and caches under tmp_path."""
+    """Compose the run config for a list of overrides, with results and caches under tmp_path; the perplexity
+    stage only unless the overrides name the stages."""
     def make(*overrides):
+        stages = [] if any(o.startswith("eval.stages=") for o in overrides) else ["eval.stages=[ppl]"]
         return compose([f"out_dir={tmp_path / 'results'}", f"cache_dir={tmp_path / 'cache'}",
-                        f"data_root={data_root}", *overrides])
+                        f"data_root={data_root}", *stages, *overrides])
     return make
 
 

@@ -20,7 +20,8 @@ from bench.runner import run_cell
 
 def cli(*args, data_root, tmp_path):
     env = os.environ | {"BENCH_DATA": str(data_root), "BENCH_CACHE": str(tmp_path / "cache")}
-    return subprocess.run([sys.executable, "-m", "bench", *args], capture_output=True, text=True, env=env,
+    stages = [] if any(a.startswith("eval.stages=") for a in args) else ["eval.stages=[ppl]"]
+    return subprocess.run([sys.executable, "-m", "bench", *args, *stages], capture_output=True, text=True, env=env,
                           cwd=tmp_path)
 
 
@@ -65,7 +66,7 @@ def test_scores_cached_across_ratios(cfg_for, monkeypatch):
 def test_dense_then_report(cfg_for, tmp_path):
     run_cell(cfg_for("model=tiny-llama", "method=dense", "eval.ppl.max_windows=2"))
     run_cell(cfg_for("model=tiny-llama", "method=depth_magnitude", "ratio=0.25", "eval.ppl.max_windows=2"))
-    md, csv = write_tables(tmp_path / "results")
+    md, _, csv = write_tables(tmp_path / "results")
     assert (md.name, csv.name) == ("main.md", "main.csv")
     table = pd.read_csv(csv)
     assert list(table.method) == ["dense", "depth_magnitude+"]

@@ -1,10 +1,12 @@
-"""Evaluation stages. Each is `evaluate(model, tokenizer, cfg) -> list[dict]` with fields
+"""Evaluation stages. Each is `evaluate(model, tokenizer, cfg, dense=None) -> list[dict]` with fields
 stage, task, metric, value, stderr, n (samples behind the value), unit; the runner stamps the cell's identity.
-Stages are independent: none reads another's output. Select them with `eval.stages=[ppl]`."""
+`dense` (pruning cells only) returns the unpruned base model, which the speed stage measures alongside.
+Stages are independent: none reads another's output. Select them with `eval.stages=[ppl,zeroshot,speed]`."""
 
-from bench.evals import perplexity, zeroshot
+from bench.evals import perplexity, speed, zeroshot
 
 STAGES = {
     "ppl": perplexity.evaluate,
     "zeroshot": zeroshot.evaluate,
+    "speed": speed.evaluate,
 }

@@ -70,7 +70,7 @@ def perplexity(model, wins: torch.Tensor, batch_size: int) -> tuple[float, float
     return math.exp(mean), math.exp(mean) * se
 
 
-def evaluate(model, tokenizer, cfg) -> list[dict]:
+def evaluate(model, tokenizer, cfg, dense=None) -> list[dict]:
     pcfg = cfg.eval.ppl
     rows = []
     for name in pcfg.datasets:

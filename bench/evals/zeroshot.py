@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import bz2
 import csv
+import functools
 import json
 import logging
 import re
@@ -123,19 +124,28 @@ def local_tasks(tasks, data_root, out_dir: Path) -> Path:
     return out_dir
 
 
-def evaluate(model, tokenizer, cfg) -> list[dict]:
+@functools.lru_cache(maxsize=4)
+def task_manager(include_path: str | None, tasks: tuple[str, ...] = ()):
+    """lm-eval's task index takes ~9 s to build: once per process (per task set, whose YAMLs it indexes), so
+    the cells of a sweep share it."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=include_path)
+
+
+def evaluate(model, tokenizer, cfg, dense=None) -> list[dict]:
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
-    from lm_eval.tasks import TaskManager
 
     zcfg = cfg.eval.zeroshot
     data_root = cfg.get("data_root") or None
     tasks = list(zcfg.tasks)
     if data_root:
-        manager = TaskManager(include_path=str(local_tasks(tasks, data_root, Path(cfg.cache_dir) / "lm_eval_tasks")))
+        manager = task_manager(str(local_tasks(tasks, data_root, Path(cfg.cache_dir) / "lm_eval_tasks")),
+                               tuple(sorted(tasks)))
         names = {t: f"{t}_local" for t in tasks}
     else:
-        manager, names = TaskManager(), {t: t for t in tasks}
+        manager, names = task_manager(None), {t: t for t in tasks}
     t0 = time.perf_counter()
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=zcfg.batch_size)
     out = simple_evaluate(model=lm, tasks=list(names.values()), num_fewshot=0, limit=zcfg.get("limit"),

@@ -4,7 +4,8 @@
     score(model, calib, budget)          importance of every unit (lower = less important), JSON-serializable;
                                          cached on disk by the runner
     plan(scores, budget, model) -> dict  a JSON-serializable decision (plan.json); reads the model's shapes,
-                                         never changes it
+                                         never changes it. scores=None (shape-only mode, no data) gives the
+                                         method's structure with units chosen by index: what speed depends on
     apply(model, plan)                   physical removal through bench.surgery
 
 `score_key(budget, model)` names everything the scores depend on besides the model and the calibration tokens

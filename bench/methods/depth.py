@@ -152,13 +152,17 @@ class DepthPruner:
             return taylor_scores(model, calib_ids)
         return magnitude_scores(model)
 
-    def plan(self, scores: list[float], budget: Budget, model=None) -> dict:
+    def plan(self, scores: list[float] | None, budget: Budget, model=None) -> dict:
+        """Remove the budget's k lowest-scoring candidate blocks. scores=None (shape-only): the k candidates
+        nearest the end, the region every criterion of the paper removes from (speed depends only on k)."""
         self.check(budget)
-        n_layers = len(scores)
+        n_layers, structural = budget.n_blocks, scores is None
+        if structural:
+            scores = [-b for b in range(n_layers)]
         # least important first; ties broken by block index so the plan is deterministic
         order = [b for b in sorted(range(n_layers), key=lambda b: (scores[b], b)) if b in self.candidates(n_layers)]
         remove = sorted(order[:budget.remove_blocks])
-        return {"kind": "depth", "criterion": self.criterion, "n_layers": n_layers,
+        return {"kind": "depth", "criterion": None if structural else self.criterion, "n_layers": n_layers,
                 "keep_first": self.keep_first, "keep_last": self.keep_last, "order": order,
                 "remove": remove, "keep": [b for b in range(n_layers) if b not in remove],
                 "target_params": budget.target_params, "predicted_params": budget.target_params,

@@ -272,10 +272,17 @@ class WidthPruner:
                 out[li]["remove_kv"] += units[li][idx][2]
         return {li: {k: sorted(v) for k, v in spec.items()} for li, spec in out.items()}
 
-    def plan(self, scores: dict, budget: Budget, model=None) -> dict:
+    def plan(self, scores: dict | None, budget: Budget, model=None) -> dict:
+        """Per-layer heads and channels to remove. scores=None (shape-only): the uniform allocation matched to the
+        budget (LLM-Pruner's structure; FLAP too, whose adaptive structure needs data) with the lowest-index
+        units removed and no compensation biases."""
         geo = model_geometry(model)
         target = self.target(budget)
-        if self.criterion == "flap":
+        structural = scores is None
+        if structural:
+            scores = {unit: [[0.0] * n for n in sizes] for unit, sizes in
+                      (("q", [g.n_q for g in geo]), ("kv", [g.n_kv for g in geo]), ("channel", [g.channels for g in geo]))}
+        if self.criterion == "flap" and not structural:
             need = budget.dense_params - target
             layers = self._flap_select(geo, scores, need)
             ratio_used = None
@@ -286,7 +293,7 @@ class WidthPruner:
             ratio_used = {"head_units": h, "head_fraction": h / head_units(geo[first], self.head_mode)[0],
                           "channels": c, "channel_fraction": c / geo[first].channels}
         for li, spec in layers.items():
-            if self.criterion == "flap" and self.bias:
+            if self.criterion == "flap" and self.bias and not structural:
                 cols = head_rows(spec["remove_q"], geo[li].head_dim).tolist()
                 spec["o_bias_mean"] = [scores["o_mean"][li][j] for j in cols] if cols else None
                 spec["down_bias_mean"] = ([scores["down_mean"][li][j] for j in spec["remove_channels"]]
@@ -298,7 +305,7 @@ class WidthPruner:
             - (geo[li].hidden if s.get("down_bias_mean") and not geo[li].down_bias else 0)
             for li, s in layers.items())
         gap = predicted - target
-        return {"kind": "width", "criterion": self.criterion, "head_mode": self.head_mode,
+        return {"kind": "width", "criterion": None if structural else self.criterion, "head_mode": self.head_mode,
                 "round_to": self.round_to, "budget_match": self.budget_match, "uniform": ratio_used,
                 "target_params": target, "predicted_params": predicted, "gap_params": gap,
                 "budget_matched": abs(gap) <= MATCH_TOLERANCE * budget.dense_params,

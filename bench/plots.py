@@ -1,0 +1,155 @@
+"""Figures from records alone (no torch, no models): PNG and PDF per figure.
+
+    python -m bench.plots results/default            # -> plots/default/*.{png,pdf}
+
+    throughput_vs_batch  eager generation tokens/s against batch size (log x), one line per method x ratio
+    speedup_vs_batch     interleaved speedup against dense, with its spread (std over rounds)
+    accuracy_vs_speedup  zero-shot average against batch-1 speedup; the Pareto front (no other row is both more
+                         accurate and faster) is drawn
+    ppl_vs_params        WikiText-2 perplexity (log y) against parameters, depth and width apart
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+from bench.records import load_records
+
+KIND_MARKER = {"dense": "*", "depth": "o", "width": "s"}
+
+
+def pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _speed(df: pd.DataFrame) -> pd.DataFrame:
+    """Eager speed rows at the shortest output length (the table's convention)."""
+    if "runtime" not in df:
+        return df.iloc[0:0]
+    sp = df[(df.stage == "speed") & (df.status == "ok") & (df.runtime == "eager")]
+    return sp[sp.new_tokens == sp.new_tokens.min()]
+
+
+def _label(row) -> str:
+    return row.method if row.kind == "dense" else f"{row.method} {row.ratio:g}"
+
+
+def _save(fig, out: Path, name: str) -> list[Path]:
+    paths = []
+    for ext in ("png", "pdf"):
+        path = out / f"{name}.{ext}"
+        fig.savefig(path, dpi=130, bbox_inches="tight")
+        paths.append(path)
+    return paths
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[int]:
+    """Indices of the points no other point dominates (higher or equal x and y, one strictly), by x."""
+    front = [i for i, (x, y) in enumerate(points)
+             if not any(x2 >= x and y2 >= y and (x2, y2) != (x, y) for x2, y2 in points)]
+    return sorted(front, key=lambda i: points[i][0])
+
+
+def per_batch(plt, sp: pd.DataFrame, metric: str, ylabel: str, out: Path, name: str) -> list[Path]:
+    sel = sp[sp.metric == metric]
+    if sel.empty:
+        return []
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    # colour = method, line style = ratio, marker = kind
+    colors = {m: f"C{i % 10}" for i, m in enumerate(sorted(sel.method.unique()))}
+    styles = {r: ls for r, ls in zip(sorted(sel.ratio.unique()), ["-", "--", ":", "-."] * 4)}
+    for (method, ratio, kind), part in sel.groupby(["method", "ratio", "kind"], sort=True):
+        part = part.sort_values("batch_size")
+        label = method if kind == "dense" else f"{method} {ratio:g}"
+        yerr = part["std"] if "std" in part and metric == "speedup" else None
+        ax.errorbar(part.batch_size, part.value, yerr=yerr, marker=KIND_MARKER.get(kind, "o"), capsize=3,
+                    linestyle=styles[ratio], label=label, color=colors[method])
+    batches = sorted(sel.batch_size.unique())
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(batches, [f"{b:g}" for b in batches])
+    ax.set_xlabel("batch size")
+    ax.set_ylabel(ylabel)
+    if metric == "speedup":
+        ax.axhline(1.0, color="grey", lw=0.8)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    first = sel.iloc[0]
+    ax.set_title(f"{first.model} ({first.get('mode', 'weights')}, {first.get('dtype', '')}, "
+                 f"{first.get('device_name', '')}): {first.runtime} generate, {first.new_tokens:g} new tokens",
+                 fontsize=8)
+    paths = _save(fig, out, name)
+    plt.close(fig)
+    return paths
+
+
+def write_plots(results_dir: str | Path, out_dir: str | Path) -> list[Path]:
+    df = load_records(results_dir)
+    if df.empty:
+        raise SystemExit(f"no records.jsonl below {results_dir}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    plt = pyplot()
+    paths = []
+    sp = _speed(df)
+    paths += per_batch(plt, sp, "throughput_tok_s", "generated tokens / s", out, "throughput_vs_batch")
+    paths += per_batch(plt, sp, "speedup", "speedup vs dense (interleaved)", out, "speedup_vs_batch")
+
+    keys = ["model", "method", "ratio", "kind", "params"]
+    rows = df.groupby(keys[:3], as_index=False).agg(kind=("kind", "first"), params=("params", "first"))
+    if "paper_metric" in df:
+        acc = df[(df.stage == "zeroshot") & (df.task == "average")][keys[:3] + ["value"]]
+        rows = rows.merge(acc.rename(columns={"value": "accuracy"}), on=keys[:3], how="left")
+    ppl = df[(df.stage == "ppl") & (df.task == "wikitext2") & (df.metric == "ppl")][keys[:3] + ["value"]]
+    rows = rows.merge(ppl.rename(columns={"value": "ppl"}), on=keys[:3], how="left")
+    bs1 = sp[(sp.metric == "speedup") & (sp.batch_size == sp.batch_size.min())] if not sp.empty else sp
+    rows = rows.merge(bs1[keys[:3] + ["value"]].rename(columns={"value": "speedup"}), on=keys[:3], how="left")
+    rows.loc[rows.kind == "dense", "speedup"] = 1.0
+
+    if "accuracy" in rows and rows.accuracy.notna().any():
+        pts = rows.dropna(subset=["accuracy", "speedup"]).reset_index(drop=True)
+        fig, ax = plt.subplots(figsize=(6.4, 4.2))
+        for kind, part in pts.groupby("kind"):
+            ax.scatter(part.speedup, part.accuracy * 100, marker=KIND_MARKER.get(kind, "o"), s=50, label=kind)
+        for _, r in pts.iterrows():
+            ax.annotate(_label(r), (r.speedup, r.accuracy * 100), fontsize=7, xytext=(3, 3),
+                        textcoords="offset points")
+        front = pareto_front(list(zip(pts.speedup, pts.accuracy)))
+        ax.plot(pts.speedup[front], pts.accuracy[front] * 100, color="grey", lw=1, ls=":", label="Pareto front")
+        ax.set_xlabel(f"speedup vs dense at batch {int(sp.batch_size.min()) if not sp.empty else 1}")
+        ax.set_ylabel("zero-shot average accuracy (%)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        paths += _save(fig, out, "accuracy_vs_speedup")
+        plt.close(fig)
+
+    pts = rows.dropna(subset=["ppl"])
+    if not pts.empty:
+        fig, ax = plt.subplots(figsize=(6.4, 4.2))
+        for kind, part in pts.groupby("kind"):
+            ax.scatter(part.params / 1e6, part.ppl, marker=KIND_MARKER.get(kind, "o"), s=50, label=kind)
+        for _, r in pts.iterrows():
+            ax.annotate(_label(r), (r.params / 1e6, r.ppl), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax.set_yscale("log")
+        ax.set_xlabel("parameters (M)")
+        ax.set_ylabel("WikiText-2 perplexity (log)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        paths += _save(fig, out, "ppl_vs_params")
+        plt.close(fig)
+    return paths
+
+
+if __name__ == "__main__":
+    if len(sys.argv) not in (2, 3):
+        sys.exit("usage: python -m bench.plots RESULTS_DIR [OUT_DIR]   (default OUT_DIR: plots/<name of RESULTS_DIR>)")
+    results = Path(sys.argv[1])
+    for path in write_plots(results, sys.argv[2] if len(sys.argv) == 3 else Path("plots") / results.name):
+        print(path)

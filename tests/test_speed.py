@@ -1,0 +1,133 @@
+"""Speed stage: records per batch size, interleaved speedups, the OOM path, shape-only models and saved plans."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import bench.evals.speed as speed
+from bench import BenchError
+from bench.budget import resolve_budget
+from bench.config import compose
+from bench.methods import build_method
+from bench.models import build_from_config, count_params, hf_config
+from bench.runner import run_cell
+
+QUICK = ("eval.stages=[speed]", "eval.speed.batch_sizes=[1,2,4]", "eval.speed.new_tokens=[6]", "eval.speed.warmup=1",
+         "eval.speed.warmup_tokens=2", "eval.speed.repeats=2", "eval.speed.min_time_s=0")
+
+
+def records(out):
+    return [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
+
+
+def test_speed_records_per_batch_size(cfg_for):
+    rows = records(run_cell(cfg_for("model=tiny-llama-gqa", "method=depth_magnitude", "ratio=0.25", *QUICK)))
+    by = {(r["metric"], r["batch_size"]): r for r in rows}
+    for b in (1, 2, 4):
+        lat, thr = by["latency_s", b], by["throughput_tok_s", b]
+        assert lat["status"] == "ok" and lat["n"] == 2 and all(t > 0 for t in lat["raw"])
+        # throughput = batch x new tokens / latency, run by run
+        assert thr["raw"] == pytest.approx([b * 6 / t for t in lat["raw"]], rel=1e-4)
+        assert by["speedup", b]["reference"] == "dense" and by["speedup", b]["value"] > 0
+        assert by["prefill_s", b]["value"] > 0 and by["peak_mem_mib", b]["value"] >= by["peak_mem_mib", b]["weights_mib"]
+        assert by["decode_s", b]["value"] == pytest.approx(lat["value"] - by["prefill_s", b]["value"])
+    roof = by["roofline_frac", 1]
+    assert roof["bandwidth_gb_s"] > 0 and 0 < roof["value"] and ("roofline_frac", 2) not in by
+    assert {r["runtime"] for r in rows} == {"eager"} and all(r["mode"] == "weights" for r in rows)
+    assert rows[0]["params"] < rows[0]["dense_params"]
+
+
+def test_dense_cell_has_no_speedup_rows(cfg_for):
+    rows = records(run_cell(cfg_for("model=tiny-llama", "method=dense", *QUICK[:2], "eval.speed.new_tokens=[8]",
+                                    "eval.speed.repeats=1", "eval.speed.min_time_s=0")))
+    assert {r["metric"] for r in rows} == {"latency_s", "throughput_tok_s", "prefill_s", "decode_s", "decode_tok_s",
+                                           "peak_mem_mib", "roofline_frac"}
+
+
+def test_out_of_memory_is_recorded_and_larger_batches_skipped(cfg_for, monkeypatch):
+    real = speed.generate
+
+    def generate(model, ids, new_tokens, runtime):
+        if ids.shape[0] >= 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(model, ids, new_tokens, runtime)
+
+    monkeypatch.setattr(speed, "generate", generate)
+    rows = records(run_cell(cfg_for("model=tiny-llama", "method=depth_magnitude", "ratio=0.25", *QUICK)))
+    oom = [r for r in rows if r["status"] == "oom"]
+    assert len(oom) == 1 and oom[0]["batch_size"] == 2 and "out of memory" in oom[0]["error"]
+    assert {r["batch_size"] for r in rows} == {1, 2}  # batch 4 skipped
+
+
+def test_other_errors_are_not_swallowed(monkeypatch):
+    monkeypatch.setattr(speed, "generate", lambda *a: (_ for _ in ()).throw(ValueError("bad kwargs")))
+    cfg = compose(list(QUICK))
+    with pytest.raises(ValueError, match="bad kwargs"):
+        speed.measure({"m": torch.nn.Linear(1, 1)}, torch.zeros(1, 3, dtype=torch.long), cfg.eval.speed)
+
+
+@pytest.mark.parametrize("method, ratio, expected", [
+    ("depth_ppl", 0.2, 5_524_115_456),     # 6 of 32 blocks (methods.md section 0)
+    ("depth_ppl", 0.35, 4_512_198_656),    # 11 blocks
+])
+def test_shape_only_llama7b_depth(method, ratio, expected):
+    cfg = compose(["model=llama-7b", f"method={method}", f"ratio={ratio}"])
+    model = build_from_config(hf_config(cfg.model), device="meta")
+    assert count_params(model) == 6_738_415_616
+    m = build_method(cfg.method)
+    plan = m.plan(None, resolve_budget(model, ratio), model)
+    assert plan["criterion"] is None and len(plan["remove"]) == round(ratio * 32 + 1e-9)
+    m.apply(model, plan)
+    assert count_params(model) == expected == plan["predicted_params"]
+
+
+@pytest.mark.parametrize("ratio", [0.2, 0.35])
+def test_shape_only_llama7b_uniform_width(ratio):
+    cfg = compose(["model=llama-7b", "method=llm_pruner", f"ratio={ratio}"])
+    model = build_from_config(hf_config(cfg.model), device="meta")
+    budget = resolve_budget(model, ratio)
+    m = build_method(cfg.method)
+    plan = m.plan(None, budget, model)
+    layers = plan["layers"]
+    assert sorted(map(int, layers)) == list(range(4, 30))  # LLM-Pruner's blocks 4..29
+    first = layers["4"]
+    assert all(spec == first for spec in layers.values())  # uniform
+    assert first["remove_channels"] == list(range(len(first["remove_channels"])))  # by index: no data
+    m.apply(model, plan)
+    layer = model.model.layers[4]
+    kept_heads = 32 - plan["uniform"]["head_units"]
+    assert layer.self_attn.q_proj.out_features == kept_heads * 128 == layer.self_attn.k_proj.out_features
+    assert layer.mlp.gate_proj.out_features == 11008 - plan["uniform"]["channels"]
+    assert count_params(model) == plan["predicted_params"]
+    assert abs(count_params(model) - budget.target_params) <= 0.005 * budget.dense_params
+
+
+def test_shape_only_cell_and_plan_file(cfg_for):
+    common = ("model=tiny-llama-gqa", "ratio=0.25", *QUICK[:1], "eval.speed.batch_sizes=[1]",
+              "eval.speed.new_tokens=[3]", "eval.speed.repeats=1", "eval.speed.warmup=0", "eval.speed.min_time_s=0")
+    real = run_cell(cfg_for("method=flap", *common, "calibration=shared"))
+    real_plan = json.loads((real / "plan.json").read_text())
+    shaped = run_cell(cfg_for("method=flap", *common, "shape_only=true", f"plan_file={real / 'plan.json'}",
+                              "sweep_name=shape", "out_dir=${cache_dir}/shape"))
+    rows = records(shaped)
+    assert rows[0]["mode"] == "shape_only" and rows[0]["params"] == real_plan["params"]
+    structural = run_cell(cfg_for("method=wanda_sp", *common, "shape_only=true", "out_dir=${cache_dir}/shape2"))
+    assert json.loads((structural / "plan.json").read_text())["criterion"] is None
+    with pytest.raises(BenchError, match="eval.stages: 'ppl' needs real weights.*allowed values with shape_only are "
+                                         "speed"):
+        run_cell(cfg_for("method=depth_ppl", "model=tiny-llama", "shape_only=true", "eval.stages=[ppl,speed]"))
+    with pytest.raises(BenchError, match="plan_file=.*a width plan, but method=depth_ppl. needs a depth plan"):
+        run_cell(cfg_for("method=depth_ppl", *common, f"plan_file={real / 'plan.json'}", "out_dir=${cache_dir}/x"))
+
+
+def test_compiled_runtime_on_cpu(cfg_for):
+    """The static-cache + torch.compile runtime runs and is recorded as such (compiles once at warm-up)."""
+    rows = records(run_cell(cfg_for("model=tiny-llama", "method=dense", "eval.stages=[speed]",
+                                    "eval.speed.runtimes=[compiled]", "eval.speed.batch_sizes=[1]",
+                                    "eval.speed.new_tokens=[4]", "eval.speed.warmup=1", "eval.speed.repeats=2",
+                                    "eval.speed.min_time_s=0")))
+    lat = next(r for r in rows if r["metric"] == "latency_s")
+    assert lat["runtime"] == "compiled" and lat["status"] == "ok" and lat["n"] == 2
