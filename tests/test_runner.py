@@ -78,8 +78,8 @@ def test_dense_then_report(cfg_for, tmp_path):
 
 @pytest.mark.parametrize("override, message", [
     ("model=nope", "model='nope': allowed values are "),
-    ("method=nope", "method='nope': allowed values are dense, depth_magnitude, depth_ppl, depth_taylor, flap, "
-                    "llm_pruner, magnitude_width, wanda_sp"),
+    ("method=nope", "method='nope': allowed values are dense, depth_magnitude, depth_ppl, depth_random, depth_taylor, "
+                    "flap, llm_pruner, magnitude_width, wanda_sp"),
 ])
 def test_unknown_choice_is_one_line_error(override, message):
     with pytest.raises(BenchError, match=message):

@@ -100,3 +100,26 @@ def test_submitit_local_runs_cells_in_subprocesses(tmp_path, data_root):
     pids = {json.loads(line)["pid"] for p in out.rglob("records.jsonl") for line in p.read_text().splitlines()}
     assert len(pids) == 2 and os.getpid() not in pids
     assert summaries(out)[-1]["ran"] == 2
+
+
+def test_example_user_method_runs_through_a_sweep(tmp_path, data_root):
+    """The worked example of adding a method (one module + one YAML with impl: module:Class) in a multirun."""
+    out = tmp_path / "res"
+    cmd, env = bench_cmd(["-m", "model=tiny-llama", "method=depth_random,depth_magnitude", "ratio=0.25",
+                          "eval.stages=[ppl]", "eval.ppl.max_windows=1", f"out_dir={out}"], tmp_path, data_root)
+    run = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert cells(out) == ["tiny-llama/depth_magnitude+/r0.25", "tiny-llama/depth_random/r0.25"]
+    plan = json.loads((out / "tiny-llama/depth_random/r0.25/plan.json").read_text())
+    assert len(plan["remove"]) == 3 and all(4 <= b < 10 for b in plan["remove"]) and plan["seed"] == 0
+    rows = [json.loads(line) for line in (out / "tiny-llama/depth_random/r0.25/records.jsonl").read_text().splitlines()]
+    assert rows[0]["params"] == json.loads((out / "tiny-llama/depth_magnitude+/r0.25/plan.json").read_text())["params"]
+
+
+def test_method_impl_errors_are_one_line():
+    from bench.methods import build_method
+
+    with pytest.raises(BenchError, match="method.impl='nope': allowed values are dense, depth, width or module:Class"):
+        build_method({"impl": "nope"})
+    with pytest.raises(BenchError, match="cannot import Nope from bench.methods.random_blocks"):
+        build_method({"impl": "bench.methods.random_blocks:Nope"})

@@ -2,12 +2,14 @@
 
 A method config (conf/method/<name>.yaml) names its implementation (`impl`), its row label (`name`) and its
 hyperparameters; `build_method` passes the hyperparameters to the class, so a typo is an error, not a no-op.
-Adding a method = one module here with a class registered below + one YAML in conf/method/ (README).
+Adding a method = one module with a class + one YAML in conf/method/ whose `impl` is `module:Class` (the worked
+example: bench/methods/random_blocks.py, conf/method/depth_random.yaml; README).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib
 
 from bench import BenchError
 from bench.methods.base import Dense, Method
@@ -21,12 +23,23 @@ METHODS: dict[str, type] = {
 }
 
 
+def resolve_impl(impl) -> type:
+    """A registered short name, or `package.module:Class` for a method living anywhere on the path."""
+    if isinstance(impl, str) and ":" in impl:
+        module, _, name = impl.partition(":")
+        try:
+            return getattr(importlib.import_module(module), name)
+        except (ImportError, AttributeError) as e:
+            raise BenchError(f"method.impl={impl!r}: cannot import {name} from {module} ({e})") from e
+    if impl not in METHODS:
+        raise BenchError(f"method.impl={impl!r}: allowed values are {', '.join(METHODS)} or module:Class")
+    return METHODS[impl]
+
+
 def build_method(mcfg) -> Method:
     params = dict(mcfg)
     impl = params.pop("impl", None)
-    if impl not in METHODS:
-        raise BenchError(f"method.impl={impl!r}: allowed values are {', '.join(METHODS)}")
-    cls = METHODS[impl]
+    cls = resolve_impl(impl)
     allowed = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(params) - allowed)
     if unknown:
