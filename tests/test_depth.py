@@ -12,10 +12,10 @@ from bench import BenchError
 from bench.budget import resolve_budget
 from bench.data import calibration_ids
 from bench.methods import build_method
-from bench.methods.depth import (DepthPruner, magnitude_scores, ppl_scores, ppl_scores_reference,
-                                 taylor_scores)
+from bench.methods.depth import (DepthPruner, angular_distances, block_influence_scores, magnitude_scores,
+                                 ppl_scores, ppl_scores_reference, sleb_order, taylor_scores)
 from bench.models import count_params
-from bench.surgery import remove_blocks
+from bench.surgery import blocks_view, remove_blocks
 
 
 def bypass_logits(model, ids, remove):
@@ -131,3 +131,71 @@ def test_build_method_rejects_unknown_parameter(cfg_for):
         build_method(cfg.method)
     with pytest.raises(BenchError, match="criterion='fisher': allowed values are ppl, taylor, magnitude"):
         build_method(cfg_for("method=depth_ppl", "method.criterion=fisher").method)
+
+
+def _hidden(model, ids):
+    with torch.no_grad():
+        return model(ids, output_hidden_states=True, use_cache=False).hidden_states
+
+
+def test_block_influence_equals_direct_computation(tiny, ids):
+    model, _, _ = tiny
+    h = [x.double() for x in _hidden(model, ids)]
+    direct = []
+    for b in range(len(h) - 1):
+        cos = (h[b] * h[b + 1]).sum(-1) / (h[b].norm(dim=-1) * h[b + 1].norm(dim=-1))
+        direct.append((1 - cos).sum().item())
+    assert block_influence_scores(model, ids, batch_size=1) == pytest.approx(direct, rel=1e-4)
+
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_angular_distance_equals_direct_computation(tiny, ids, n):
+    model, _, _ = tiny
+    last = [x[:, -1].double() for x in _hidden(model, ids)]
+    direct = []
+    for start in range(len(last) - n):
+        a, b = last[start], last[start + n]
+        cos = ((a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1))).clamp(-1, 1)
+        direct.append((torch.arccos(cos) / math.pi).mean().item())
+    assert angular_distances(model, ids, n) == pytest.approx(direct, abs=1e-5)
+
+
+def test_angular_plan_removes_the_closest_contiguous_run(tiny, ids):
+    model, _, _ = tiny
+    m = DepthPruner(name="angular", criterion="angular", keep_first=0, keep_last=0)
+    budget = resolve_budget(model, 0.25)  # 3 of 12 blocks
+    scores = m.score(model, ids, budget)
+    plan = m.plan(scores, budget, model)
+    start = min(range(len(scores)), key=lambda s: (scores[s], s))
+    assert plan["remove"] == [start, start + 1, start + 2]
+
+
+def test_sleb_removes_one_block_at_a_time_by_loss(tiny, ids):
+    model, _, _ = tiny
+    steps = sleb_order(model, ids, 2, candidates=list(range(12)))
+    first = ppl_scores_reference(model, ids, rebuild=False)
+    assert steps[0]["block"] == min(range(1, 11), key=lambda b: (first[b], b))  # never block 0 or 11
+    assert steps[0]["ppl"] == pytest.approx(first[steps[0]["block"]], rel=1e-5)
+    rest = [b for b in range(12) if b != steps[0]["block"]]
+    with blocks_view(model, rest):
+        second = dict(zip(rest, ppl_scores_reference(model, ids, rebuild=False)))
+    assert steps[1]["block"] == min(rest[1:-1], key=lambda b: (second[b], b))
+    m = DepthPruner(name="sleb", criterion="sleb", keep_first=0, keep_last=0)
+    budget = resolve_budget(model, 0.2)  # 2 blocks
+    plan = m.plan(m.score(model, ids, budget), budget, model)
+    assert plan["order"][:2] == [s["block"] for s in steps]  # the removal order, one block per step
+
+
+@pytest.mark.parametrize("method", ["block_influence", "angular", "sleb"])
+def test_new_depth_methods_plan_apply_generate(tiny, ids, cfg_for, method):
+    model, _, _ = tiny
+    m = build_method(cfg_for(f"method={method}").method)
+    assert m.label == method  # their own keep-sets, not the paper's "+"
+    budget = resolve_budget(model, 0.25)
+    plan = m.plan(m.score(model, ids, budget), budget, model)
+    m.apply(model, plan)
+    assert count_params(model) == plan["predicted_params"] == budget.target_params
+    with torch.no_grad():
+        assert torch.isfinite(model(ids, use_cache=False).logits).all()
+        out = model.generate(ids[:1, :8], max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0)
+    assert out.shape == (1, 12)

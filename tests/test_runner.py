@@ -78,8 +78,8 @@ def test_dense_then_report(cfg_for, tmp_path):
 
 @pytest.mark.parametrize("override, message", [
     ("model=nope", "model='nope': allowed values are "),
-    ("method=nope", "method='nope': allowed values are dense, depth_magnitude, depth_ppl, depth_random, depth_taylor, "
-                    "flap, llm_pruner, magnitude_width, wanda_sp"),
+    ("method=nope", "method='nope': allowed values are angular, block_influence, dense, depth_magnitude, depth_ppl, "
+                    "depth_random, depth_taylor, flap, llm_pruner, magnitude_width, sleb, wanda_sp"),
 ])
 def test_unknown_choice_is_one_line_error(override, message):
     with pytest.raises(BenchError, match=message):
@@ -90,7 +90,7 @@ def test_cli_errors_are_one_line(tmp_path, data_root):
     bad = cli("method=nope", data_root=data_root, tmp_path=tmp_path)
     assert bad.returncode != 0
     lines = bad.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: method='nope': allowed values are dense, depth_magnitude")
+    assert len(lines) == 1 and lines[0].startswith("error: method='nope': allowed values are angular, block_influence, dense")
     assert "llm_pruner" in lines[0] and "_depth_" not in lines[0]
     ratio = cli("model=tiny-llama", "method=depth_ppl", "ratio=1.5", f"out_dir={tmp_path}", data_root=data_root,
                 tmp_path=tmp_path)

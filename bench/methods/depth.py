@@ -7,8 +7,16 @@ score per block, lowest = least important:
     taylor     sum over the block's weights of |W * dL/dW| (one forward/backward over the calibration batch)
     magnitude  sum over the block's weights of |W| (no data)
 
-The "+" keep-set of the official code (first 4 and last 2 blocks never removed) is on by default for every
-criterion (`keep_first`, `keep_last`; set both to 0 to switch it off). Removal is one-shot from one ranking.
+and the depth criteria published since (methods.md sections 8-10):
+
+    block_influence  ShortGPT: sum over tokens of 1 - cos(h_b, h_b+1), the block's input and output
+    angular          Gromov et al.: the contiguous run of k blocks whose input and output are closest in angle on
+                     the last token, (1/pi) arccos cos(x_l, x_l+k), averaged over samples; one score per start l
+    sleb             SLEB: iterative greedy, k times: remove the block whose removal gives the lowest calibration
+                     loss, then re-score the rest; a block's score is the step that removed it
+
+The "+" keep-set of the official code (first 4 and last 2 blocks never removed) is on by default for the paper's
+criteria (`keep_first`, `keep_last`); the others keep their papers' own (none; SLEB: the first and last block).
 
     python -m bench method=depth_ppl ratio=0.35
 """
@@ -108,7 +116,58 @@ def magnitude_scores(model) -> list[float]:
     return scores
 
 
-CRITERIA = ("ppl", "taylor", "magnitude")
+@torch.no_grad()
+def block_influence_scores(model, ids: torch.Tensor, batch_size: int = 10) -> list[float]:
+    """ShortGPT's Block Influence (shortgpt/metrics.py::block_influence): BI_b = sum over tokens of
+    1 - cos(h_b, h_b+1) with HF's hidden states (h_L is the final-normed output, as in ShortGPT); a NaN cosine
+    counts 0.5. Summed over every token of every calibration sample."""
+    n_layers = len(decoder_layers(model))
+    bi = torch.zeros(n_layers, dtype=torch.float64)
+    for chunk in ids.split(batch_size):
+        hidden = model(chunk.to(model.device), output_hidden_states=True, logits_to_keep=1,
+                       use_cache=False).hidden_states
+        for b in range(n_layers):
+            cos = torch.nn.functional.cosine_similarity(hidden[b].float(), hidden[b + 1].float(), dim=-1)
+            bi[b] += torch.nan_to_num(1 - cos, nan=0.5).double().sum().cpu()
+    return bi.tolist()
+
+
+@torch.no_grad()
+def angular_distances(model, ids: torch.Tensor, n: int, batch_size: int = 10) -> list[float]:
+    """Gromov et al.'s angular distance (after short-transformers' angular_distance_last_token): for every start
+    l in 0..L-n, (1/pi) arccos(cos(x_l, x_l+n)) on the last token, x_l the input of block l (HF hidden states),
+    averaged over samples. Index l = the run of blocks l..l+n-1."""
+    n_layers = len(decoder_layers(model))
+    total = torch.zeros(n_layers - n + 1, dtype=torch.float64)
+    for chunk in ids.split(batch_size):
+        hidden = model(chunk.to(model.device), output_hidden_states=True, logits_to_keep=1,
+                       use_cache=False).hidden_states
+        last = torch.stack([h[:, -1].float() for h in hidden])  # [L + 1, batch, hidden]
+        cos = torch.nn.functional.cosine_similarity(last[:-n], last[n:], dim=-1).clamp(-1, 1)
+        total += (torch.arccos(cos) / math.pi).double().sum(dim=1).cpu()
+    return (total / ids.shape[0]).tolist()
+
+
+def sleb_order(model, ids: torch.Tensor, n: int, candidates: list[int], batch_size: int = 10) -> list[dict]:
+    """SLEB's greedy removal (sleb.py::sleb): n times, score every remaining candidate by the calibration PPL
+    with it removed as well (the same exp(mean NLL) ranking as SLEB's summed loss; prefix states reused as in
+    `ppl_scores`), remove the best, repeat. The first and last *remaining* blocks are never candidates
+    (early_barrier = latter_barrier = 1). Returns one {block, ppl} per step, in removal order."""
+    n_layers = len(decoder_layers(model))
+    removed, steps = [], []
+    for _ in range(n):
+        alive = [b for b in range(n_layers) if b not in removed]
+        with blocks_view(model, alive):
+            ppl = dict(zip(alive, ppl_scores(model, ids, batch_size)))
+        allowed = [b for b in alive[1:-1] if b in candidates]
+        best = min(allowed, key=lambda b: (ppl[b], b))
+        removed.append(best)
+        steps.append({"block": best, "ppl": ppl[best]})
+    return steps
+
+
+CRITERIA = ("ppl", "taylor", "magnitude", "block_influence", "angular", "sleb")
+BUDGET_DEPENDENT = ("angular", "sleb")  # their scores depend on how many blocks go
 
 
 @dataclass
@@ -128,8 +187,8 @@ class DepthPruner:
 
     @property
     def label(self) -> str:
-        """Row label: "+" marks the keep-set, as the paper's "Taylor+"."""
-        return self.name + ("+" if self.keep_first or self.keep_last else "")
+        """Row label: "+" marks the official keep-set (first 4, last 2), as the paper's "Taylor+"."""
+        return self.name + ("+" if (self.keep_first, self.keep_last) == (4, 2) else "")
 
     def candidates(self, n_layers: int) -> list[int]:
         protected = set(range(self.keep_first)) | set(range(n_layers - self.keep_last, n_layers))
@@ -143,13 +202,26 @@ class DepthPruner:
                              f"lower the ratio")
 
     def score_key(self, budget: Budget | None = None, model=None) -> dict:
-        return {"impl": "depth", "criterion": self.criterion}  # the runner adds the calibration tokens
+        key = {"impl": "depth", "criterion": self.criterion}  # the runner adds the calibration tokens
+        if self.criterion in BUDGET_DEPENDENT:
+            key |= {"n": budget.remove_blocks, "keep": [self.keep_first, self.keep_last]}
+        return key
 
     def score(self, model, calib_ids, budget: Budget | None = None) -> list[float]:
+        """One score per block (angular: per start of a run of k blocks), lowest = removed first."""
         if self.criterion == "ppl":
             return ppl_scores(model, calib_ids, self.batch_size)
         if self.criterion == "taylor":
             return taylor_scores(model, calib_ids)
+        if self.criterion == "block_influence":
+            return block_influence_scores(model, calib_ids, self.batch_size)
+        if self.criterion == "angular":
+            return angular_distances(model, calib_ids, budget.remove_blocks, self.batch_size)
+        if self.criterion == "sleb":
+            n_layers = len(decoder_layers(model))
+            steps = sleb_order(model, calib_ids, budget.remove_blocks, self.candidates(n_layers), self.batch_size)
+            step = {s["block"]: i for i, s in enumerate(steps)}
+            return [float(step.get(b, len(steps))) for b in range(n_layers)]
         return magnitude_scores(model)
 
     def plan(self, scores: list[float] | None, budget: Budget, model=None) -> dict:
@@ -159,9 +231,16 @@ class DepthPruner:
         n_layers, structural = budget.n_blocks, scores is None
         if structural:
             scores = [-b for b in range(n_layers)]
-        # least important first; ties broken by block index so the plan is deterministic
-        order = [b for b in sorted(range(n_layers), key=lambda b: (scores[b], b)) if b in self.candidates(n_layers)]
-        remove = sorted(order[:budget.remove_blocks])
+        k, allowed = budget.remove_blocks, self.candidates(n_layers)
+        if self.criterion == "angular" and not structural:
+            # scores[l] = distance across blocks l..l+k-1: the closest run that lies among the candidates
+            starts = [s for s in range(len(scores)) if all(b in allowed for b in range(s, s + k))]
+            start = min(starts, key=lambda s: (scores[s], s))
+            order = list(range(start, start + k))
+        else:
+            # least important first; ties broken by block index so the plan is deterministic
+            order = [b for b in sorted(range(n_layers), key=lambda b: (scores[b], b)) if b in allowed]
+        remove = sorted(order[:k])
         return {"kind": "depth", "criterion": None if structural else self.criterion, "n_layers": n_layers,
                 "keep_first": self.keep_first, "keep_last": self.keep_last, "order": order,
                 "remove": remove, "keep": [b for b in range(n_layers) if b not in remove],
