@@ -23,6 +23,7 @@ criteria (`keep_first`, `keep_last`); the others keep their papers' own (none; S
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass, field
 
@@ -35,6 +36,8 @@ from bench.methods.grads import backward_folded
 from bench.models import decoder_layers
 from bench.evals.perplexity import token_nll
 from bench.surgery import blocks_view, remove_blocks
+
+log = logging.getLogger("bench.depth")
 
 
 @torch.no_grad()
@@ -163,6 +166,7 @@ def sleb_order(model, ids: torch.Tensor, n: int, candidates: list[int], batch_si
         best = min(allowed, key=lambda b: (ppl[b], b))
         removed.append(best)
         steps.append({"block": best, "ppl": ppl[best]})
+        log.info("sleb step %d/%d: remove block %d (calibration PPL %.3f)", len(steps), n, best, ppl[best])
     return steps
 
 
