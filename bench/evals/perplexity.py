@@ -72,11 +72,14 @@ def perplexity(model, wins: torch.Tensor, batch_size: int) -> tuple[float, float
 
 def evaluate(model, tokenizer, cfg, dense=None) -> list[dict]:
     pcfg = cfg.eval.ppl
+    bos_modes = list(pcfg.bos_modes)
+    if cfg.model.get("ppl_bos_every") and "every" not in bos_modes:
+        bos_modes.append("every")  # Gemma without a BOS per window is catastrophic (methods.md section 2.1)
     rows = []
     for name in pcfg.datasets:
         text_rows_, source = text_rows(name, cfg.get("data_root") or None)
         ids = tokenizer("\n\n".join(text_rows_), return_tensors="pt", add_special_tokens=False).input_ids[0]
-        for bos in pcfg.bos_modes:
+        for bos in bos_modes:
             t0 = time.perf_counter()
             wins = windows(ids, pcfg.seq_len, tokenizer.bos_token_id, bos)
             if pcfg.get("max_windows"):

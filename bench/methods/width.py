@@ -137,6 +137,10 @@ class WidthPruner:
         if self.head_mode == "q_heads" and any(g.n_q == g.n_kv for g in geo):
             raise BenchError("method.head_mode=q_heads needs grouped-query attention (more query than key/value "
                              "heads); allowed values for this model are kv_groups")
+        if self.head_mode == "kv_groups" and any(g.n_kv == 1 for g in geo):
+            allowed = "none: flap removes whole key/value groups" if self.criterion == "flap" else "q_heads"
+            raise BenchError(f"method.head_mode=kv_groups: this model has a single key/value head per layer (Gemma 3 "
+                             f"270M), which no method can remove; allowed values for it are {allowed}")
         most = sum(head_units(geo[i], self.head_mode)[1] * (head_units(geo[i], self.head_mode)[0] - 1)
                    + geo[i].channel_params * (geo[i].channels - 1) for i in self.layers(len(geo)))
         need = budget.dense_params - self.target(budget)
