@@ -17,6 +17,7 @@ from pathlib import Path
 import pandas as pd
 
 from bench.records import load_records
+from bench.report import speed_rows
 
 KIND_MARKER = {"dense": "*", "depth": "o", "width": "s"}
 
@@ -30,14 +31,6 @@ def pyplot():
     return plt
 
 
-def _speed(df: pd.DataFrame) -> pd.DataFrame:
-    """Eager speed rows at the shortest output length (the table's convention)."""
-    if "runtime" not in df:
-        return df.iloc[0:0]
-    sp = df[(df.stage == "speed") & (df.status == "ok") & (df.runtime == "eager")]
-    return sp[sp.new_tokens == sp.new_tokens.min()]
-
-
 def _label(row) -> str:
     return row.method if row.kind == "dense" else f"{row.method} {row.ratio:g}"
 
@@ -46,7 +39,8 @@ def _save(fig, out: Path, name: str) -> list[Path]:
     paths = []
     for ext in ("png", "pdf"):
         path = out / f"{name}.{ext}"
-        fig.savefig(path, dpi=130, bbox_inches="tight")
+        # no creation date in the PDF: regenerating the same records gives the same bytes
+        fig.savefig(path, dpi=130, bbox_inches="tight", metadata={"CreationDate": None} if ext == "pdf" else None)
         paths.append(path)
     return paths
 
@@ -98,7 +92,7 @@ def write_plots(results_dir: str | Path, out_dir: str | Path) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     plt = pyplot()
     paths = []
-    sp = _speed(df)
+    sp = speed_rows(df)
     paths += per_batch(plt, sp, "throughput_tok_s", "generated tokens / s", out, "throughput_vs_batch")
     paths += per_batch(plt, sp, "speedup", "speedup vs dense (interleaved)", out, "speedup_vs_batch")
 

@@ -42,6 +42,14 @@ def _column(base: pd.DataFrame, sel: pd.DataFrame, col: str, scale: float = 1.0)
 LOWER_IS_BETTER = ("WikiText2", "PTB", "latency")
 
 
+def speed_rows(df: pd.DataFrame) -> pd.DataFrame:
+    """The speed rows the tables and plots show: eager generation, measured (not OOM), shortest output length."""
+    if "runtime" not in df:
+        return df.iloc[0:0]
+    sp = df[(df.stage == "speed") & (df.status == "ok") & (df.runtime == "eager")]
+    return sp[sp.new_tokens == sp.new_tokens.min()]
+
+
 def main_table(df: pd.DataFrame) -> pd.DataFrame:
     """One row per model x method x ratio; value, stderr and n columns per metric."""
     base = df.groupby(KEYS, as_index=False).agg(kind=("kind", "first"), params=("params", "first"),
@@ -54,9 +62,8 @@ def main_table(df: pd.DataFrame) -> pd.DataFrame:
         zs = df[(df.stage == "zeroshot") & (df.paper_metric == True)]  # noqa: E712 (column of objects)
         for task, col in ZEROSHOT_COLUMNS if not zs.empty else []:
             base = _column(base, zs[zs.task == task], col, scale=100.0)
-    if "runtime" in df:  # speed: eager generation at the shortest output length, every batch size measured
-        sp = df[(df.stage == "speed") & (df.status == "ok") & (df.runtime == "eager")]
-        sp = sp[sp.new_tokens == sp.new_tokens.min()]
+    sp = speed_rows(df)
+    if not sp.empty:  # speed: every batch size measured
         smallest = sp[sp.batch_size == sp.batch_size.min()]
         for b in smallest.batch_size.unique():
             base = _column(base, smallest[smallest.metric == "latency_s"], f"latency bs{b:g} (s)")

@@ -265,11 +265,10 @@ def _point_rows(base, model, lat, pre, extra_bytes, reference, label, batch, new
         ratios = [r / p for r, p in zip(lat[reference], latency)]  # round by round: each pair ran back to back
         rows.append(ok | {"metric": "speedup", "unit": "x", "reference": reference} | summary(ratios))
     if batch == 1 and new_tokens > 1 and decode_s > 0:
-        context = base["prompt_tokens"] + new_tokens / 2
-        bw = bandwidth_gb_s(device)
-        bound = bw * 1e9 / decode_bytes(model, context)
+        bw, step_bytes = bandwidth_gb_s(device), decode_bytes(model, base["prompt_tokens"] + new_tokens / 2)
+        bound = bw * 1e9 / step_bytes
         rows.append(ok | {"metric": "roofline_frac", "unit": "", "value": (new_tokens - 1) / decode_s / bound,
-                          "bound_tok_s": bound, "bandwidth_gb_s": bw, "bytes_per_step": decode_bytes(model, context),
+                          "bound_tok_s": bound, "bandwidth_gb_s": bw, "bytes_per_step": step_bytes,
                           "n": len(latency)})
     return rows
 
