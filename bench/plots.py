@@ -17,7 +17,7 @@ from pathlib import Path
 import pandas as pd
 
 from bench.records import load_records
-from bench.report import speed_rows
+from bench.report import main_table, speed_rows
 
 KIND_MARKER = {"dense": "*", "depth": "o", "width": "s"}
 
@@ -96,27 +96,23 @@ def write_plots(results_dir: str | Path, out_dir: str | Path) -> list[Path]:
     paths += per_batch(plt, sp, "throughput_tok_s", "generated tokens / s", out, "throughput_vs_batch")
     paths += per_batch(plt, sp, "speedup", "speedup vs dense (interleaved)", out, "speedup_vs_batch")
 
-    keys = ["model", "method", "ratio", "kind", "params"]
-    rows = df.groupby(keys[:3], as_index=False).agg(kind=("kind", "first"), params=("params", "first"))
-    if "paper_metric" in df:
-        acc = df[(df.stage == "zeroshot") & (df.task == "average")][keys[:3] + ["value"]]
-        rows = rows.merge(acc.rename(columns={"value": "accuracy"}), on=keys[:3], how="left")
-    ppl = df[(df.stage == "ppl") & (df.task == "wikitext2") & (df.metric == "ppl")][keys[:3] + ["value"]]
-    rows = rows.merge(ppl.rename(columns={"value": "ppl"}), on=keys[:3], how="left")
-    bs1 = sp[(sp.metric == "speedup") & (sp.batch_size == sp.batch_size.min())] if not sp.empty else sp
-    rows = rows.merge(bs1[keys[:3] + ["value"]].rename(columns={"value": "speedup"}), on=keys[:3], how="left")
+    # one row per cell, as the main table has it: zero-shot Avg (%), WikiText-2 PPL, speedup at the smallest batch
+    table = main_table(df)
+    b = sp.batch_size.min() if not sp.empty else None
+    rows = table.assign(accuracy=table.get("Avg"), ppl=table.get("WikiText2"),
+                        speedup=table.get(f"speedup bs{b:g}") if b is not None else None)
     rows.loc[rows.kind == "dense", "speedup"] = 1.0
 
-    if "accuracy" in rows and rows.accuracy.notna().any():
+    if rows.accuracy.notna().any():
         pts = rows.dropna(subset=["accuracy", "speedup"]).reset_index(drop=True)
         fig, ax = plt.subplots(figsize=(6.4, 4.2))
         for kind, part in pts.groupby("kind"):
-            ax.scatter(part.speedup, part.accuracy * 100, marker=KIND_MARKER.get(kind, "o"), s=50, label=kind)
+            ax.scatter(part.speedup, part.accuracy, marker=KIND_MARKER.get(kind, "o"), s=50, label=kind)
         for _, r in pts.iterrows():
-            ax.annotate(_label(r), (r.speedup, r.accuracy * 100), fontsize=7, xytext=(3, 3),
+            ax.annotate(_label(r), (r.speedup, r.accuracy), fontsize=7, xytext=(3, 3),
                         textcoords="offset points")
         front = pareto_front(list(zip(pts.speedup, pts.accuracy)))
-        ax.plot(pts.speedup[front], pts.accuracy[front] * 100, color="grey", lw=1, ls=":", label="Pareto front")
+        ax.plot(pts.speedup[front], pts.accuracy[front], color="grey", lw=1, ls=":", label="Pareto front")
         ax.set_xlabel(f"speedup vs dense at batch {int(sp.batch_size.min()) if not sp.empty else 1}")
         ax.set_ylabel("zero-shot average accuracy (%)")
         ax.grid(alpha=0.3)
@@ -124,7 +120,7 @@ def write_plots(results_dir: str | Path, out_dir: str | Path) -> list[Path]:
         paths += _save(fig, out, "accuracy_vs_speedup")
         plt.close(fig)
 
-    pts = rows.dropna(subset=["ppl"])
+    pts = rows.dropna(subset=["ppl"]) if rows.ppl.notna().any() else rows.iloc[0:0]
     if not pts.empty:
         fig, ax = plt.subplots(figsize=(6.4, 4.2))
         for kind, part in pts.groupby("kind"):

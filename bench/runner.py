@@ -235,8 +235,8 @@ def _run(cfg, method, ratio: float, out: Path, rows: list[dict]) -> None:
     else:
         ident |= {"removed_frac_block_params": 0.0, "removed_frac_total_params": 0.0}
     prov = provenance(cfg, model.device, model.dtype) | timing
+    dense = (lambda: base) if method.prunes else None  # the speed stage's reference
     for stage in cfg.eval.stages:
-        dense = (lambda: base) if method.prunes else None
         rows += [ident | row | prov for row in STAGES[stage](model, tokenizer, cfg, dense=dense)]
         bad = [r for r in rows if r["stage"] == "ppl" and not math.isfinite(r["value"])]
         if bad:
