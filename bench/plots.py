@@ -19,7 +19,7 @@ import pandas as pd
 from bench.records import load_records
 from bench.report import main_table, speed_rows
 
-KIND_MARKER = {"dense": "*", "depth": "o", "width": "s"}
+KIND_MARKER = {"dense": "*", "depth": "o", "width": "s", "slice": "D"}
 
 
 def pyplot():

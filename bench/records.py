@@ -7,6 +7,7 @@ finished.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -33,9 +34,21 @@ def write_atomic(path: Path, data: str | bytes) -> None:
         raise
 
 
+def _tensor_summary(obj):
+    """JSON stand-in for a tensor inside a plan (SliceGPT's bases): its shape, dtype and content hash."""
+    import torch
+
+    if not isinstance(obj, torch.Tensor):
+        raise TypeError(f"{type(obj).__name__} is not JSON serializable")
+    data = obj.detach().cpu().contiguous()
+    return {"tensor": list(data.shape), "dtype": str(data.dtype).removeprefix("torch."),
+            "sha256": hashlib.sha256(data.view(torch.uint8).numpy().tobytes()).hexdigest()}
+
+
 def write_json(path: Path, obj) -> None:
-    """Indented JSON with every list of numbers on one line (plans hold long index lists)."""
-    text = json.dumps(obj, indent=2)
+    """Indented JSON with every list of numbers on one line (plans hold long index lists); a tensor is written as
+    its shape and sha256 (the tensors themselves live in the score cache)."""
+    text = json.dumps(obj, indent=2, default=_tensor_summary)
     text = re.sub(r"\[\s+([-+0-9.eE,\s]*?)\s+\]", lambda m: "[" + " ".join(m.group(1).split()) + "]", text)
     write_atomic(path, text + "\n")
 

@@ -71,7 +71,7 @@ def main_table(df: pd.DataFrame) -> pd.DataFrame:
             at = sp[sp.batch_size == b]
             base = _column(base, at[at.metric == "throughput_tok_s"], f"tok/s bs{b:g}")
             base = _column(base, at[at.metric == "speedup"], f"speedup bs{b:g}")
-    base["_kind"] = base.kind.map({"dense": 0, "depth": 1, "width": 2}).fillna(3)
+    base["_kind"] = base.kind.map({"dense": 0, "depth": 1, "width": 2, "slice": 2}).fillna(3)
     return base.sort_values(["model", "ratio", "_kind", "method"]).drop(columns="_kind").reset_index(drop=True)
 
 

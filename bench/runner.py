@@ -1,4 +1,5 @@
-"""One cell, start to finish: load -> budget -> calibrate -> score (cached) -> plan -> prune -> evaluate -> record.
+"""One cell, start to finish: load -> budget -> calibrate -> score (cached) -> plan -> prune -> retrain (optional)
+-> evaluate -> record.
 
     python -m bench model=smollm2-135m method=depth_taylor ratio=0.2
     python -m bench model=llama-7b shape_only=true method=depth_ppl eval.stages=[speed]    # no download
@@ -14,6 +15,7 @@ Writes to <out_dir>/<model>/<method>/r<ratio>/ (dense: r0):
     calib.pt       calibration token ids, LongTensor [n, seq_len] (to re-check the scores)
     scores.csv     per-unit scores (depth: columns block, score; lower = less important)
     plan.json      the decision (depth: removed and kept block indices)
+    retrain.json   with retrain=lora: the loss curve, the selected step, the data source
     records.jsonl  one row per stage x task x metric, with provenance; its presence marks the cell done
     error.json     only after a failure: the error, its traceback and the rows measured before it
 """
@@ -44,6 +46,7 @@ from bench.methods import build_method
 from bench.methods.base import CalibSpec
 from bench.models import count_params, load_model
 from bench.records import ERROR, RECORDS, write_atomic, write_json, write_records
+from bench.retrain import RETRAIN, retrain
 
 log = logging.getLogger("bench.run")
 
@@ -80,11 +83,18 @@ def cached_scores(cfg, method, model, calib_ids, budget) -> tuple[list[float], b
     h = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode())
     if calib_ids is not None:
         h.update(calib_ids.numpy().tobytes())
-    path = Path(cfg.cache_dir) / "scores" / cfg.model.name / f"{h.hexdigest()[:20]}.json"
+    fmt = getattr(method, "scores_format", "json")  # "pt": scores holding tensors (SliceGPT's bases)
+    path = Path(cfg.cache_dir) / "scores" / cfg.model.name / f"{h.hexdigest()[:20]}.{fmt}"
     if path.exists():
-        return json.loads(path.read_text())["scores"], True
+        stored = torch.load(path, weights_only=True) if fmt == "pt" else json.loads(path.read_text())
+        return stored["scores"], True
     scores = method.score(model, calib_ids, budget)
-    write_json(path, {"key": key, "scores": scores})
+    if fmt == "pt":
+        buf = io.BytesIO()
+        torch.save({"key": key, "scores": scores}, buf)
+        write_atomic(path, buf.getvalue())
+    else:
+        write_json(path, {"key": key, "scores": scores})
     return scores, False
 
 
@@ -103,8 +113,9 @@ def base_model(cfg):
     return _BASE[key]
 
 
-def saved_plan(plan_file, method, budget) -> dict:
-    """A plan.json of an earlier run (`plan_file=`), checked against this cell's method and model."""
+def saved_plan(plan_file, method, budget, shape_only: bool = False) -> dict:
+    """A plan.json of an earlier run (`plan_file=`), checked against this cell's method and model. A SliceGPT
+    plan.json keeps only the hashes of its bases, so it serves shape-only runs (identity bases, same shapes)."""
     path = Path(plan_file)
     if not path.is_file():
         raise BenchError(f"plan_file={plan_file}: no such file")
@@ -113,6 +124,11 @@ def saved_plan(plan_file, method, budget) -> dict:
     if plan.get("kind") != kind:
         raise BenchError(f"plan_file={plan_file}: a {plan.get('kind')} plan, but method={method.label} needs "
                          f"a {kind} plan")
+    if kind == "slice":
+        if not shape_only:
+            raise BenchError(f"plan_file={plan_file}: a SliceGPT plan.json holds only the hashes of its bases; "
+                             f"allowed with shape_only=true, else run without plan_file")
+        plan["rotations"] = None
     if kind == "depth" and plan["n_layers"] != budget.n_blocks:
         raise BenchError(f"plan_file={plan_file}: made for {plan['n_layers']} blocks, the model has "
                          f"{budget.n_blocks}")
@@ -123,7 +139,7 @@ def prune(cfg, method, model, tokenizer, budget, out: Path, timing: dict) -> dic
     """Calibrate, score (cached), plan and apply; writes calib.pt and scores.csv. Returns the plan. With a
     plan file or in shape-only mode there is nothing to score."""
     if cfg.get("plan_file") or cfg.get("shape_only"):
-        plan = saved_plan(cfg.plan_file, method, budget) if cfg.get("plan_file") else method.plan(None, budget, model)
+        plan = saved_plan(cfg.plan_file, method, budget, bool(cfg.get("shape_only"))) if cfg.get("plan_file") else method.plan(None, budget, model)
         return _apply(method, model, plan, timing)
     calib_ids, calib_source, calib = None, None, calib_spec(cfg, method)
     if calib is not None:
@@ -164,9 +180,12 @@ def calib_spec(cfg, method) -> CalibSpec | None:
 
 def scores_csv(scores) -> str:
     """Depth: one row per block (block, score). Width: one row per unit (layer, unit = q | kv | channel, index,
-    score)."""
+    score). SliceGPT: one row per principal direction (site, index, eigenvalue)."""
     if isinstance(scores, list):
         return "block,score\n" + "".join(f"{i},{s!r}\n" for i, s in enumerate(scores))
+    if "eigenvalues" in scores:
+        return "site,index,eigenvalue\n" + "".join(f"{site},{i},{v!r}\n" for site, values in
+                                                    scores["eigenvalues"].items() for i, v in enumerate(values))
     rows = ["layer,unit,index,score\n"]
     for unit in ("q", "kv", "channel"):
         for layer, values in enumerate(scores[unit]):
@@ -188,8 +207,18 @@ def cell(cfg):
     if cfg.get("plan_file") and not method.prunes:
         raise BenchError(f"plan_file is set but method={method.label} does not prune; allowed: a depth or width "
                          f"method")
+    if cfg.retrain not in RETRAIN:
+        raise BenchError(f"retrain={cfg.retrain!r}: allowed values are {', '.join(RETRAIN)}")
+    if cfg.get("shape_only") and cfg.retrain != "none":
+        raise BenchError("retrain=lora needs real weights, but shape_only=true builds random ones; allowed values "
+                         "with shape_only are none")
     ratio = float(cfg.ratio) if method.prunes else 0.0
-    return method, ratio, cell_dir(cfg, method.label, ratio)
+    return method, ratio, cell_dir(cfg, row_label(cfg, method), ratio)
+
+
+def row_label(cfg, method) -> str:
+    """The method's row label, with a suffix for retrained models (depth_ppl+ -> depth_ppl++lora)."""
+    return method.label + ("" if cfg.retrain == "none" else f"+{cfg.retrain}")
 
 
 def run_cell(cfg) -> Path:
@@ -214,7 +243,8 @@ def _run(cfg, method, ratio: float, out: Path, rows: list[dict]) -> None:
     torch.manual_seed(int(cfg.seed))
     t_cell = time.perf_counter()
     base, tokenizer = base_model(cfg)
-    model = copy.deepcopy(base) if method.prunes else base  # pruning never touches the shared base
+    retrains = cfg.retrain != "none"
+    model = copy.deepcopy(base) if method.prunes or retrains else base  # the shared base is never changed
     dense_params = count_params(model)
     budget = resolve_budget(model, ratio) if method.prunes else None
     if budget:
@@ -224,11 +254,17 @@ def _run(cfg, method, ratio: float, out: Path, rows: list[dict]) -> None:
 
     timing = {}
     plan = prune(cfg, method, model, tokenizer, budget, out, timing) if method.prunes else method.plan(None, None)
+    if retrains:
+        t0 = time.perf_counter()
+        model, summary = retrain(model, tokenizer, cfg)
+        timing["retrain_s"] = time.perf_counter() - t0
+        write_json(out / "retrain.json", summary)
     params = count_params(model)
     write_json(out / "plan.json", plan)
     log.info("%s: %d -> %d params", method.label, dense_params, params)
 
-    ident = {"model": cfg.model.name, "method": method.label, "kind": plan["kind"], "ratio": ratio, "params": params,
+    ident = {"model": cfg.model.name, "method": row_label(cfg, method), "kind": plan["kind"], "ratio": ratio,
+             "retrain": cfg.retrain, "params": params,
              "dense_params": dense_params, "mode": "shape_only" if cfg.get("shape_only") else "weights"}
     if budget:
         ident |= achieved(budget, params) | {k: plan[k] for k in ("target_params", "budget_matched")}

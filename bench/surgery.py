@@ -197,3 +197,113 @@ def load_pruned(path, dtype: torch.dtype = torch.float32):
                            f"unexpected {unexpected[:3]}")
     model.tie_weights()
     return model.eval()
+
+
+# --- SliceGPT: rotate the residual stream and slice its width ------------------------------------------------
+
+
+def slice_sites(n_layers: int) -> list[str]:
+    """The residual-stream sites that get a basis: block 0's input, then each block's MLP input and output."""
+    return ["embed"] + [f"{kind}{i}" for i in range(n_layers) for kind in ("mid", "out")]
+
+
+class ScalelessRMSNorm(torch.nn.Module):
+    """RMSNorm with its scale folded into the next linears, dividing by the *dense* width `mean_dim` (SliceGPT's
+    RMSN): on a sliced stream that is the dense model's norm, since the dropped directions carry ~no energy."""
+
+    def __init__(self, mean_dim: int, eps: float):
+        super().__init__()
+        self.mean_dim, self.eps = mean_dim, eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        variance = x32.pow(2).sum(-1, keepdim=True) / self.mean_dim
+        return (x32 * torch.rsqrt(variance + self.eps)).to(x.dtype)
+
+
+class _Shortcuts:
+    """A pre-norm decoder block whose residual changes basis: x -> x S_attn + attn(x), then x S_mlp + mlp(x)."""
+
+    def forward(self, hidden_states, **kwargs):
+        attn, _ = self.self_attn(hidden_states=self.input_layernorm(hidden_states), **kwargs)
+        hidden_states = hidden_states @ self.attn_shortcut + attn
+        return hidden_states @ self.mlp_shortcut + self.mlp(self.post_attention_layernorm(hidden_states))
+
+
+_SLICED_CLASSES: dict[type, type] = {}
+
+
+def _sliced_class(cls: type) -> type:
+    """cls with the shortcut forward; a subclass, so HF's per-layer hooks (hidden-state recording) still find it."""
+    if cls not in _SLICED_CLASSES:
+        _SLICED_CLASSES[cls] = type(f"Sliced{cls.__name__}", (_Shortcuts, cls), {})
+    return _SLICED_CLASSES[cls]
+
+
+def _set_linear(linear: torch.nn.Linear, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+    dtype = linear.weight.dtype
+    linear.weight = torch.nn.Parameter(weight.to(dtype).contiguous())
+    linear.out_features, linear.in_features = weight.shape
+    if bias is not None:
+        linear.bias = torch.nn.Parameter(bias.to(dtype).contiguous())
+
+
+def _norm_scale(norm) -> torch.Tensor:
+    return norm.weight.detach().double()
+
+
+def _eps(norm) -> float:
+    return float(getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6)))
+
+
+@torch.no_grad()
+def apply_slice_plan(model, plan: dict):
+    """Apply a SliceGPT plan in place: fold every RMSNorm scale into the linears after it, rotate each site's
+    readers (embedding columns; q/k/v and gate/up inputs; lm_head input) and writers (o_proj and down_proj rows)
+    into its basis Q[:, :d], and give each block its shortcut matrices Q_in^T Q_mid and Q_mid^T Q_out. Math in
+    fp64, weights back in their dtype. With d = h everywhere the logits are unchanged (an exact rotation). A
+    tied lm_head is untied (it reads the last basis, the embedding writes the first). Plans without bases
+    (shape-only) use identity bases: the same shapes."""
+    dims, rotations = plan["dims"], plan.get("rotations") or {}
+    layers = decoder_layers(model)
+    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+    h, device = emb.embedding_dim, emb.weight.device
+    eye = torch.eye(h, dtype=torch.float64, device=device)
+
+    def basis(site: str) -> torch.Tensor:
+        q = rotations.get(site)
+        if q is not None and not isinstance(q, torch.Tensor):
+            raise ValueError(f"slice plan: the basis of {site} is not a tensor (a plan.json holds only its hash)")
+        return eye[:, :dims[site]] if q is None else q.to(device=device, dtype=torch.float64)
+
+    if head.weight is emb.weight:
+        head.weight = torch.nn.Parameter(emb.weight.detach().clone())
+        model.config.tie_word_embeddings = False
+    q_in = basis("embed")
+    emb.weight = torch.nn.Parameter((emb.weight.double() @ q_in).to(emb.weight.dtype))
+    emb.embedding_dim = q_in.shape[1]
+    for i, layer in enumerate(layers):
+        attn, mlp = layer.self_attn, layer.mlp
+        q_mid, q_out = basis(f"mid{i}"), basis(f"out{i}")
+        scale = _norm_scale(layer.input_layernorm)
+        for lin in (attn.q_proj, attn.k_proj, attn.v_proj):
+            _set_linear(lin, (lin.weight.double() * scale) @ q_in)
+        o_bias = None if attn.o_proj.bias is None else attn.o_proj.bias.double() @ q_mid
+        _set_linear(attn.o_proj, q_mid.T @ attn.o_proj.weight.double(), o_bias)
+        scale = _norm_scale(layer.post_attention_layernorm)
+        for lin in (mlp.gate_proj, mlp.up_proj):
+            _set_linear(lin, (lin.weight.double() * scale) @ q_mid)
+        down_bias = None if mlp.down_proj.bias is None else mlp.down_proj.bias.double() @ q_out
+        _set_linear(mlp.down_proj, q_out.T @ mlp.down_proj.weight.double(), down_bias)
+        dtype = attn.q_proj.weight.dtype
+        layer.input_layernorm = ScalelessRMSNorm(h, _eps(layer.input_layernorm))
+        layer.post_attention_layernorm = ScalelessRMSNorm(h, _eps(layer.post_attention_layernorm))
+        layer.attn_shortcut = torch.nn.Parameter((q_in.T @ q_mid).to(dtype))
+        layer.mlp_shortcut = torch.nn.Parameter((q_mid.T @ q_out).to(dtype))
+        layer.__class__ = _sliced_class(type(layer))
+        q_in = q_out
+    _set_linear(head, (head.weight.double() * _norm_scale(model.model.norm)) @ q_in,
+                None if head.bias is None else head.bias.double())
+    model.model.norm = ScalelessRMSNorm(h, _eps(model.model.norm))
+    model.config.slicing = {"hidden": plan.get("hidden"), "dims": dims}
+    return model

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 
 import pytest
@@ -33,6 +34,11 @@ def data_root(tmp_path_factory):
     (root / "calibration").mkdir()
     book = ["front matter"] * 672 + _text(800, 2)
     (root / "calibration" / "pride_and_prejudice_pg1342.txt").write_text("\n".join(book) + "\n")
+    (root / "alpaca").mkdir()
+    instructions, outputs = _text(40, 3), _text(40, 4)
+    records = [{"instruction": ins, "input": "" if i % 3 else instructions[i - 1], "output": out}
+               for i, (ins, out) in enumerate(zip(instructions, outputs))]
+    (root / "alpaca" / "alpaca_cleaned_first5000.json").write_text(json.dumps(records, indent=4))
     return root
 
 

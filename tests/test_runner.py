@@ -79,7 +79,7 @@ def test_dense_then_report(cfg_for, tmp_path):
 @pytest.mark.parametrize("override, message", [
     ("model=nope", "model='nope': allowed values are "),
     ("method=nope", "method='nope': allowed values are angular, block_influence, dense, depth_magnitude, depth_ppl, "
-                    "depth_random, depth_taylor, flap, llm_pruner, magnitude_width, sleb, wanda_sp"),
+                    "depth_random, depth_taylor, flap, llm_pruner, magnitude_width, sleb, slicegpt, wanda_sp"),
 ])
 def test_unknown_choice_is_one_line_error(override, message):
     with pytest.raises(BenchError, match=message):

@@ -119,7 +119,7 @@ def test_example_user_method_runs_through_a_sweep(tmp_path, data_root):
 def test_method_impl_errors_are_one_line():
     from bench.methods import build_method
 
-    with pytest.raises(BenchError, match="method.impl='nope': allowed values are dense, depth, width or module:Class"):
+    with pytest.raises(BenchError, match="method.impl='nope': allowed values are dense, depth, width, slicegpt or module:Class"):
         build_method({"impl": "nope"})
     with pytest.raises(BenchError, match="cannot import Nope from bench.methods.random_blocks"):
         build_method({"impl": "bench.methods.random_blocks:Nope"})

@@ -14,12 +14,14 @@ import importlib
 from bench import BenchError
 from bench.methods.base import Dense, Method
 from bench.methods.depth import DepthPruner
+from bench.methods.slicegpt import SlicePruner
 from bench.methods.width import WidthPruner
 
 METHODS: dict[str, type] = {
     "dense": Dense,
     "depth": DepthPruner,
     "width": WidthPruner,
+    "slicegpt": SlicePruner,
 }
 
 
