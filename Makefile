@@ -26,7 +26,7 @@ GPU_WHEELS ?= .cache/gpu-wheels
 GPU_PY ?= $(if $(wildcard $(BIN)/python),$(BIN)/python,python3)
 OUT ?= results/gpu-check
 
-.PHONY: setup model test sweep tables plots bench-scoring bench-speed gpu-wheels gpu-check clean
+.PHONY: setup model test sweep sweep-extras tables plots bench-scoring bench-speed gpu-wheels gpu-check clean
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV_FLAGS) $(VENV)
@@ -46,6 +46,14 @@ sweep: model
 	$(BIN)/python -m bench -m +sweep=$(SWEEP)
 	$(BIN)/python -m bench.report $(RESULTS)
 	$(BIN)/python -m bench.plots $(RESULTS) plots/$(SWEEP)
+
+# The default sweep's companions, into results/default: Block Influence and angular distance (default_more) and
+# LoRA-retrained depth and width rows (default_lora). About 10 minutes on this CPU.
+sweep-extras: model
+	$(BIN)/python -m bench -m +sweep=default_more
+	$(BIN)/python -m bench -m +sweep=default_lora
+	$(BIN)/python -m bench.report results/default
+	$(BIN)/python -m bench.plots results/default plots/default
 
 tables: setup
 	$(BIN)/python -m bench.report $(RESULTS)

@@ -113,9 +113,10 @@ def base_model(cfg):
     return _BASE[key]
 
 
-def saved_plan(plan_file, method, budget, shape_only: bool = False) -> dict:
+def saved_plan(plan_file, method, budget, structure_only: bool = False) -> dict:
     """A plan.json of an earlier run (`plan_file=`), checked against this cell's method and model. A SliceGPT
-    plan.json keeps only the hashes of its bases, so it serves shape-only runs (identity bases, same shapes)."""
+    plan.json keeps only the hashes of its bases, so it serves only callers that need the structure (shape-only
+    runs, the speed benchmark): identity bases, the same shapes."""
     path = Path(plan_file)
     if not path.is_file():
         raise BenchError(f"plan_file={plan_file}: no such file")
@@ -125,7 +126,7 @@ def saved_plan(plan_file, method, budget, shape_only: bool = False) -> dict:
         raise BenchError(f"plan_file={plan_file}: a {plan.get('kind')} plan, but method={method.label} needs "
                          f"a {kind} plan")
     if kind == "slice":
-        if not shape_only:
+        if not structure_only:
             raise BenchError(f"plan_file={plan_file}: a SliceGPT plan.json holds only the hashes of its bases; "
                              f"allowed with shape_only=true, else run without plan_file")
         plan["rotations"] = None
@@ -139,7 +140,8 @@ def prune(cfg, method, model, tokenizer, budget, out: Path, timing: dict) -> dic
     """Calibrate, score (cached), plan and apply; writes calib.pt and scores.csv. Returns the plan. With a
     plan file or in shape-only mode there is nothing to score."""
     if cfg.get("plan_file") or cfg.get("shape_only"):
-        plan = saved_plan(cfg.plan_file, method, budget, bool(cfg.get("shape_only"))) if cfg.get("plan_file") else method.plan(None, budget, model)
+        plan = (saved_plan(cfg.plan_file, method, budget, structure_only=bool(cfg.get("shape_only")))
+                if cfg.get("plan_file") else method.plan(None, budget, model))
         return _apply(method, model, plan, timing)
     calib_ids, calib_source, calib = None, None, calib_spec(cfg, method)
     if calib is not None:

@@ -46,20 +46,22 @@ def test_depth_removal_slices_layer_types_and_equals_bypass(gemma, ids):
 @pytest.mark.parametrize("method", ["llm_pruner", "flap", "wanda_sp"])
 def test_kv_group_removal_refuses_a_single_kv_head(gemma, cfg_for, method):
     model, _ = gemma
-    m = build_method(cfg_for(f"method={method}").method)
+    m = build_method(cfg_for(f"method={method}", "method.head_mode=kv_groups").method)
     with pytest.raises(BenchError, match="single key/value head per layer.*allowed values for it are"):
         m.check(resolve_budget(model, 0.2), model)
 
 
-@pytest.mark.parametrize("method", ["llm_pruner", "wanda_sp"])
-def test_query_head_pruning_runs_on_a_single_kv_head(gemma, cfg_for, ids, method):
+@pytest.mark.parametrize("method, head_mode", [("llm_pruner", "q_heads"), ("wanda_sp", "q_heads"),
+                                               ("llm_pruner", "auto")])
+def test_query_head_pruning_runs_on_a_single_kv_head(gemma, cfg_for, ids, method, head_mode):
     model, cfg = gemma
-    m = build_method(cfg_for(f"method={method}", "method.head_mode=q_heads", "method.calib.n_samples=4").method)
+    m = build_method(cfg_for(f"method={method}", f"method.head_mode={head_mode}", "method.calib.n_samples=4").method)
     budget = resolve_budget(model, 0.2)
     m.check(budget, model)
     plan = m.plan(m.score(model, ids, budget), budget, model)
     m.apply(model, plan)
     assert count_params(model) == plan["predicted_params"] and plan["budget_matched"]
+    assert plan["head_mode"] == "q_heads"  # auto: a single key/value head leaves only query heads to remove
     assert all(layer.self_attn.k_proj.out_features == 16 for layer in model.model.layers)  # the KV head stays
     with torch.no_grad():
         assert torch.isfinite(model(ids, use_cache=False).logits).all()

@@ -39,7 +39,8 @@ def test_lora_loss_falls_and_merges(tiny, cfg_for):
     assert summary["val_loss"] and summary["selected_step"] in {v["step"] for v in summary["val_loss"]}
     assert count_params(merged) == n_params
     assert not any("lora" in name for name, _ in merged.named_parameters())
-    assert not torch.equal(merged.model.layers[0].self_attn.q_proj.weight, model.model.layers[0].self_attn.q_proj.weight)
+    q_before, q_after = model.model.layers[0].self_attn.q_proj.weight, merged.model.layers[0].self_attn.q_proj.weight
+    assert not torch.equal(q_before, q_after)
     assert merged.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=3, do_sample=False).shape == (1, 6)
 
 

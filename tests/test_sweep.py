@@ -14,6 +14,7 @@ import pytest
 
 import bench.evals.perplexity as perplexity
 from bench import BenchError
+from bench.config import CONF_DIR, compose
 from bench.runner import run_cell
 
 SWEEP = ["-m", "model=tiny-llama", "method=depth_magnitude,depth_taylor", "ratio=0.25,0.4", "eval.stages=[ppl]",
@@ -119,7 +120,28 @@ def test_example_user_method_runs_through_a_sweep(tmp_path, data_root):
 def test_method_impl_errors_are_one_line():
     from bench.methods import build_method
 
-    with pytest.raises(BenchError, match="method.impl='nope': allowed values are dense, depth, width, slicegpt or module:Class"):
+    with pytest.raises(BenchError, match="method.impl='nope': allowed values are dense, depth, width, slicegpt or "
+                                         "module:Class"):
         build_method({"impl": "nope"})
     with pytest.raises(BenchError, match="cannot import Nope from bench.methods.random_blocks"):
         build_method({"impl": "bench.methods.random_blocks:Nope"})
+
+
+@pytest.mark.parametrize("sweep", sorted(p.stem for p in (CONF_DIR / "sweep").glob("*.yaml")))
+def test_every_sweep_cell_composes(sweep):
+    """Each sweep config's grid: every cell composes and passes the checks made before a model is loaded (a typo
+    in a method name or an override fails here, not an hour into a sweep)."""
+    import itertools
+
+    from omegaconf import OmegaConf
+
+    from bench.runner import cell
+
+    grid = OmegaConf.load(CONF_DIR / "sweep" / f"{sweep}.yaml").hydra.sweeper.params
+    params = {k: str(v).split(",") for k, v in grid.items()}
+    labels = set()
+    for values in itertools.product(*params.values()):
+        cfg = compose([f"+sweep={sweep}", *(f"{k}={v}" for k, v in zip(params, values))])
+        method, ratio, out = cell(cfg)
+        labels.add(out.relative_to(cfg.out_dir).as_posix())
+    assert len(labels) >= 1

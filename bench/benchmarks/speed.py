@@ -64,7 +64,7 @@ def build_models(cfg, methods: list[str], ratios: list[float], plans: Path | Non
                 budget = resolve_budget(model, ratio)
                 path = plans and cell_dir(cfg, method.label, ratio).relative_to(cfg.out_dir)
                 if plans is not None and (plans / path / "plan.json").is_file():
-                    plan = saved_plan(plans / path / "plan.json", method, budget)
+                    plan = saved_plan(plans / path / "plan.json", method, budget, structure_only=True)
                 elif cfg.shape_only:
                     plan = method.plan(None, budget, model)
                 else:

@@ -8,6 +8,8 @@
 Grouped-query attention (`head_mode`): `kv_groups` removes a key/value head together with every query head
 that shares it (LLM-Pruner's llama3.py); `q_heads` removes the same number of query heads from every group and
 keeps all key/value heads (possible only when heads are grouped). Either way no key/value head is orphaned.
+`auto` (the default) is kv_groups, or q_heads on a model with a single key/value head (Gemma 3 270M), where
+there is no group to remove.
 
 Budget (`budget_match`): `depth` (default) targets the parameter count depth pruning reaches at the same ratio;
 `ratio` targets ratio x (decoder-block parameters) itself. The uniform ratio (or FLAP's global threshold) is
@@ -31,7 +33,7 @@ from bench.models import decoder_layers
 from bench.surgery import apply_width_plan, head_rows
 
 CRITERIA = ("llm_pruner", "wanda_sp", "flap", "magnitude")
-HEAD_MODES = ("kv_groups", "q_heads")
+HEAD_MODES = ("auto", "kv_groups", "q_heads")
 MATCH_TOLERANCE = 0.005  # of the dense total
 
 
@@ -94,7 +96,7 @@ def _round_kept(kept: int, round_to: int | None) -> int:
 class WidthPruner:
     name: str
     criterion: str
-    head_mode: str = "kv_groups"
+    head_mode: str = "auto"
     keep_first: int = 0           # blocks never pruned at the start (LLM-Pruner: 4)
     keep_last: int = 0            # ... and at the end (LLM-Pruner: 2)
     round_to: int | None = None   # round kept MLP channels to a multiple (8, 64: hardware-friendly); off = papers
@@ -111,7 +113,7 @@ class WidthPruner:
                                     ("taylor", self.taylor, wc.TAYLOR_VARIANTS)):
             if value not in allowed:
                 raise BenchError(f"method.{key}={value!r}: allowed values are {', '.join(allowed)}")
-        if self.criterion == "flap" and self.head_mode != "kv_groups":
+        if self.criterion == "flap" and self.head_mode == "q_heads":
             raise BenchError("method.head_mode=q_heads: flap's adaptive structure removes whole key/value groups; "
                              "allowed values for flap are kv_groups")
         self.calib = as_calib(self.calib, needed=self.criterion != "magnitude")
@@ -130,9 +132,18 @@ class WidthPruner:
             return budget.target_params
         return budget.dense_params - round(budget.ratio * budget.block_params)
 
+    def resolve_head_mode(self, model_or_geo) -> None:
+        """Fix `auto` for this model (or its geometry): kv_groups, or q_heads where a layer has a single key/value
+        head (flap always removes whole groups, and refuses such a model in `check`)."""
+        if self.head_mode == "auto":
+            geo = model_or_geo if isinstance(model_or_geo, list) else model_geometry(model_or_geo)
+            single = any(g.n_kv == 1 for g in geo)
+            self.head_mode = "q_heads" if single and self.criterion != "flap" else "kv_groups"
+
     def check(self, budget: Budget, model=None) -> None:
         if model is None:
             return
+        self.resolve_head_mode(model)
         geo = model_geometry(model)
         if self.head_mode == "q_heads" and any(g.n_q == g.n_kv for g in geo):
             raise BenchError("method.head_mode=q_heads needs grouped-query attention (more query than key/value "
@@ -153,6 +164,7 @@ class WidthPruner:
         """{layer: (head units, channels) to remove} at uniform ratio r on the prunable layers, by the method's own
         rounding rule: LLM-Pruner's plan at a given ratio (its README's 0.25 on blocks 4..29 of LLaMA-7B), with no
         budget matching."""
+        self.resolve_head_mode(geo)
         rule = count_rule(self.criterion)
         out = {}
         for i in self.layers(len(geo)):
@@ -168,6 +180,7 @@ class WidthPruner:
         among the pairs within the tolerance of the target, prefer one whose head count is what the method's own
         rule gives at the channel fraction (`count_rule`: LLM-Pruner rounds heads up, Wanda-sp down), then the one
         whose head and channel fractions are closest; with no pair within tolerance, the pair nearest the target."""
+        self.resolve_head_mode(geo)
         layers = self.layers(len(geo))
         g = geo[layers[0]]
         if any(geo[i] != g for i in layers):
@@ -192,6 +205,7 @@ class WidthPruner:
         return {i: (best[1], best[2]) for i in layers}
 
     def score_key(self, budget: Budget | None = None, model=None) -> dict:
+        self.resolve_head_mode(model)
         key = {"impl": "width", "criterion": self.criterion, "head_mode": self.head_mode}
         if self.criterion == "llm_pruner":
             key["taylor"] = self.taylor
@@ -201,6 +215,7 @@ class WidthPruner:
         return key
 
     def score(self, model, calib_ids, budget: Budget | None = None) -> dict:
+        self.resolve_head_mode(model)
         if self.criterion == "llm_pruner":
             return wc.taylor_scores(model, calib_ids, self.taylor)
         if self.criterion == "magnitude":
@@ -280,6 +295,7 @@ class WidthPruner:
         """Per-layer heads and channels to remove. scores=None (shape-only): the uniform allocation matched to the
         budget (LLM-Pruner's structure; FLAP too, whose adaptive structure needs data) with the lowest-index
         units removed and no compensation biases."""
+        self.resolve_head_mode(model)
         geo = model_geometry(model)
         target = self.target(budget)
         structural = scores is None
