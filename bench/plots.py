@@ -58,7 +58,9 @@ def per_batch(plt, sp: pd.DataFrame, metric: str, ylabel: str, out: Path, name: 
         return []
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     # colour = method, line style = ratio, marker = kind
-    colors = {m: f"C{i % 10}" for i, m in enumerate(sorted(sel.method.unique()))}
+    methods = sorted(sel.method.unique())
+    palette = plt.get_cmap("tab20" if len(methods) > 10 else "tab10")  # one colour per method, up to 20
+    colors = {m: palette(i % palette.N) for i, m in enumerate(methods)}
     styles = {r: ls for r, ls in zip(sorted(sel.ratio.unique()), ["-", "--", ":", "-."] * 4)}
     for (method, ratio, kind), part in sel.groupby(["method", "ratio", "kind"], sort=True):
         part = part.sort_values("batch_size")
