@@ -48,6 +48,28 @@ def resolve_budget(model, ratio: float) -> Budget:
     return Budget(ratio, dense, n_blocks, per_block, remove, dense - remove * per_block)
 
 
+BUDGET_MATCHES = ("depth", "ratio")
+MATCH_TOLERANCE = 0.005  # of the dense total: within it a pruned model counts as budget-matched
+
+
+def check_budget_match(budget_match: str) -> None:
+    if budget_match not in BUDGET_MATCHES:
+        raise BenchError(f"method.budget_match={budget_match!r}: allowed values are {', '.join(BUDGET_MATCHES)}")
+
+
+def match_target(budget: Budget, budget_match: str) -> int:
+    """The parameter count a width method aims at: `depth` = what depth pruning reaches at this ratio (whole
+    blocks); `ratio` = the dense count minus ratio x the decoder blocks' parameters."""
+    check_budget_match(budget_match)
+    if budget_match == "depth":
+        return budget.target_params
+    return budget.dense_params - round(budget.ratio * budget.block_params)
+
+
+def is_matched(budget: Budget, params: int, target: int) -> bool:
+    return abs(params - target) <= MATCH_TOLERANCE * budget.dense_params
+
+
 def achieved(budget: Budget, params: int) -> dict:
     """What a pruned model achieved against the budget: its params and both removed fractions."""
     removed = budget.dense_params - params

@@ -119,6 +119,13 @@ def magnitude_scores(model) -> list[float]:
     return scores
 
 
+def _hidden_states(model, ids: torch.Tensor, batch_size: int):
+    """HF's hidden states (embeddings, then every block's output; the last final-normed) per calibration batch."""
+    for chunk in ids.split(batch_size):
+        yield model(chunk.to(model.device), output_hidden_states=True, logits_to_keep=1,
+                    use_cache=False).hidden_states
+
+
 @torch.no_grad()
 def block_influence_scores(model, ids: torch.Tensor, batch_size: int = 10) -> list[float]:
     """ShortGPT's Block Influence (shortgpt/metrics.py::block_influence): BI_b = sum over tokens of
@@ -126,9 +133,7 @@ def block_influence_scores(model, ids: torch.Tensor, batch_size: int = 10) -> li
     counts 0.5. Summed over every token of every calibration sample."""
     n_layers = len(decoder_layers(model))
     bi = torch.zeros(n_layers, dtype=torch.float64)
-    for chunk in ids.split(batch_size):
-        hidden = model(chunk.to(model.device), output_hidden_states=True, logits_to_keep=1,
-                       use_cache=False).hidden_states
+    for hidden in _hidden_states(model, ids, batch_size):
         for b in range(n_layers):
             cos = torch.nn.functional.cosine_similarity(hidden[b].float(), hidden[b + 1].float(), dim=-1)
             bi[b] += torch.nan_to_num(1 - cos, nan=0.5).double().sum().cpu()
@@ -142,9 +147,7 @@ def angular_distances(model, ids: torch.Tensor, n: int, batch_size: int = 10) ->
     averaged over samples. Index l = the run of blocks l..l+n-1."""
     n_layers = len(decoder_layers(model))
     total = torch.zeros(n_layers - n + 1, dtype=torch.float64)
-    for chunk in ids.split(batch_size):
-        hidden = model(chunk.to(model.device), output_hidden_states=True, logits_to_keep=1,
-                       use_cache=False).hidden_states
+    for hidden in _hidden_states(model, ids, batch_size):
         last = torch.stack([h[:, -1].float() for h in hidden])  # [L + 1, batch, hidden]
         cos = torch.nn.functional.cosine_similarity(last[:-n], last[n:], dim=-1).clamp(-1, 1)
         total += (torch.arccos(cos) / math.pi).double().sum(dim=1).cpu()

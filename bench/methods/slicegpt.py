@@ -34,9 +34,8 @@ from dataclasses import dataclass, field
 import torch
 
 from bench import BenchError
-from bench.budget import Budget
+from bench.budget import MATCH_TOLERANCE, Budget, check_budget_match, is_matched, match_target
 from bench.methods.base import CalibSpec, as_calib
-from bench.methods.width import MATCH_TOLERANCE
 from bench.methods.width_criteria import layer_inputs
 from bench.models import count_params, decoder_layers
 from bench.surgery import apply_slice_plan, slice_sites
@@ -134,8 +133,7 @@ class SlicePruner:
     scores_format = "pt"               # the bases are tensors: the runner caches them with torch.save
 
     def __post_init__(self):
-        if self.budget_match not in ("depth", "ratio"):
-            raise BenchError(f"method.budget_match={self.budget_match!r}: allowed values are depth, ratio")
+        check_budget_match(self.budget_match)
         if self.sparsity is not None and not 0 <= self.sparsity < 1:
             raise BenchError(f"method.sparsity={self.sparsity}: allowed values are null or a number in [0, 1)")
         if self.round_to < 1:
@@ -149,9 +147,7 @@ class SlicePruner:
     # --- deciding ------------------------------------------------------------------------------------------
 
     def target(self, budget: Budget) -> int:
-        if self.budget_match == "depth":
-            return budget.target_params
-        return budget.dense_params - round(budget.ratio * budget.block_params)
+        return match_target(budget, self.budget_match)
 
     def width(self, budget: Budget, model) -> int:
         """The sliced width d: nominal (`sparsity`) or the multiple of round_to whose exact parameter count is
@@ -199,7 +195,7 @@ class SlicePruner:
                 "hidden": d, "slicing_fraction": 1 - d / h, "sparsity": self.sparsity, "round_to": self.round_to,
                 "budget_match": self.budget_match, "dims": dims, "target_params": target,
                 "predicted_params": predicted, "gap_params": predicted - target,
-                "budget_matched": abs(predicted - target) <= MATCH_TOLERANCE * budget.dense_params,
+                "budget_matched": is_matched(budget, predicted, target),
                 "rotations": rotations}
 
     # --- mutating ------------------------------------------------------------------------------------------

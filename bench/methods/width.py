@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 
 from bench import BenchError
-from bench.budget import Budget
+from bench.budget import BUDGET_MATCHES, MATCH_TOLERANCE, Budget, is_matched, match_target
 from bench.methods import width_criteria as wc
 from bench.methods.base import CalibSpec, as_calib
 from bench.models import decoder_layers
@@ -34,7 +34,6 @@ from bench.surgery import apply_width_plan, head_rows
 
 CRITERIA = ("llm_pruner", "wanda_sp", "flap", "magnitude")
 HEAD_MODES = ("auto", "kv_groups", "q_heads")
-MATCH_TOLERANCE = 0.005  # of the dense total
 
 
 @dataclass(frozen=True)
@@ -109,7 +108,7 @@ class WidthPruner:
 
     def __post_init__(self):
         for key, value, allowed in (("criterion", self.criterion, CRITERIA), ("head_mode", self.head_mode, HEAD_MODES),
-                                    ("budget_match", self.budget_match, ("depth", "ratio")),
+                                    ("budget_match", self.budget_match, BUDGET_MATCHES),
                                     ("taylor", self.taylor, wc.TAYLOR_VARIANTS)):
             if value not in allowed:
                 raise BenchError(f"method.{key}={value!r}: allowed values are {', '.join(allowed)}")
@@ -128,9 +127,7 @@ class WidthPruner:
         return list(range(self.keep_first, n_layers - self.keep_last))
 
     def target(self, budget: Budget) -> int:
-        if self.budget_match == "depth":
-            return budget.target_params
-        return budget.dense_params - round(budget.ratio * budget.block_params)
+        return match_target(budget, self.budget_match)
 
     def resolve_head_mode(self, model_or_geo) -> None:
         """Fix `auto` for this model (or its geometry): kv_groups, or q_heads where a layer has a single key/value
@@ -328,7 +325,7 @@ class WidthPruner:
         return {"kind": "width", "criterion": None if structural else self.criterion, "head_mode": self.head_mode,
                 "round_to": self.round_to, "budget_match": self.budget_match, "uniform": ratio_used,
                 "target_params": target, "predicted_params": predicted, "gap_params": gap,
-                "budget_matched": abs(gap) <= MATCH_TOLERANCE * budget.dense_params,
+                "budget_matched": is_matched(budget, predicted, target),
                 "layers": {str(li): s for li, s in layers.items() if s["remove_q"] or s["remove_channels"]}}
 
     # --- mutating ------------------------------------------------------------------------------------------
