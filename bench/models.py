@@ -71,6 +71,13 @@ def count_params(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+@torch.no_grad()
+def weight_sums(model: torch.nn.Module) -> list[str]:
+    """A cheap fingerprint of the weights: every state tensor's name, shape and fp64 sum (one read of the weights,
+    no copy to the host). Resumed evaluation units are reused only for the same weights."""
+    return [f"{name}:{tuple(t.shape)}:{t.double().sum().item()!r}" for name, t in model.state_dict().items()]
+
+
 def decoder_layers(model) -> torch.nn.ModuleList:
     """The ModuleList of decoder blocks (`model.model.layers` for every LLaMA-style HF model)."""
     return model.model.layers

@@ -2,7 +2,8 @@
 
 A cell's `records.jsonl` holds one long row per model x method x ratio x stage x task x metric. Every file is
 written atomically (temp file + rename), so a kill never leaves a partial file and a cell whose records exist is
-finished.
+finished. While a cell runs, `partial.jsonl` holds its finished evaluation units (`Progress`), so a rerun after a
+kill redoes only the unit that was running: a full zero-shot pass is hours on a CPU.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Iterable
 
 RECORDS = "records.jsonl"
 ERROR = "error.json"  # a failed cell: type, message, traceback and any rows measured before the failure
+PARTIAL = "partial.jsonl"  # an unfinished cell: its finished evaluation units (Progress)
 
 
 def write_atomic(path: Path, data: str | bytes) -> None:
@@ -65,3 +67,52 @@ def load_records(root: str | Path):
     for path in sorted(Path(root).rglob(RECORDS)):
         rows += [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     return pd.DataFrame(rows)
+
+
+def fingerprint(*parts) -> str:
+    """sha256 of JSON-serialisable parts (tensors by content hash)."""
+    text = json.dumps(parts, sort_keys=True, default=_tensor_summary)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+class Progress:
+    """The finished evaluation units of an unfinished cell, kept in `partial.jsonl`: one line per unit with its
+    name, a key (the fingerprint of the model and of the config the unit was measured with) and its rows.
+
+    A unit is one perplexity corpus x BOS mode, one zero-shot task, or the speed stage. `run(unit, config, fn)`
+    returns the stored rows when the unit was finished with the same key, else runs `fn` and stores its rows
+    (the file rewritten atomically). So a rerun after kill -9 redoes only the unit that was running, and a changed
+    model or stage config redoes what it touches. `Progress()` (no path) just runs.
+    """
+
+    def __init__(self, path: Path | None = None, model_key: str = ""):
+        self.path, self.model_key, self.units, self.reused = path, model_key, {}, []
+        if path is not None and Path(path).exists():
+            for line in Path(path).read_text().splitlines():
+                entry = json.loads(line)
+                self.units[entry["unit"]] = entry
+
+    def run(self, unit: str, config, fn) -> list[dict]:
+        key = fingerprint(self.model_key, config)
+        entry = self.units.get(unit)
+        if entry is not None and entry["key"] == key:
+            self.reused.append(unit)
+            return entry["rows"]
+        rows = fn()
+        self.units[unit] = {"unit": unit, "key": key, "rows": rows}
+        self._write()
+        return rows
+
+    def drop(self, bad) -> None:
+        """Forget the units holding a row for which `bad(row)` is true (a NaN perplexity): a rerun measures them."""
+        self.units = {u: e for u, e in self.units.items() if not any(bad(r) for r in e["rows"])}
+        self._write()
+
+    def _write(self) -> None:
+        if self.path is not None:
+            write_atomic(self.path, "".join(json.dumps(e) + "\n" for e in self.units.values()))
+
+    def finish(self) -> None:
+        """The cell's records are written: its partial file goes."""
+        if self.path is not None:
+            Path(self.path).unlink(missing_ok=True)

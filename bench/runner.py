@@ -16,6 +16,8 @@ Writes to <out_dir>/<model>/<method>/r<ratio>/ (dense: r0):
     scores.csv     per-unit scores (depth: columns block, score; lower = less important)
     plan.json      the decision (depth: removed and kept block indices)
     retrain.json   with retrain=lora: the loss curve, the selected step, the data source
+    partial.jsonl  while the cell evaluates: its finished units (a corpus, a task, the speed stage), so a rerun
+                   after a kill redoes only the unit that was running (bench.records.Progress); removed at the end
     records.jsonl  one row per stage x task x metric, with provenance; its presence marks the cell done
     error.json     only after a failure: the error, its traceback and the rows measured before it
 """
@@ -44,8 +46,9 @@ from bench.data import calibration_ids
 from bench.evals import STAGES
 from bench.methods import build_method
 from bench.methods.base import CalibSpec
-from bench.models import count_params, load_model
-from bench.records import ERROR, RECORDS, write_atomic, write_json, write_records
+from bench.models import count_params, load_model, weight_sums
+from bench.records import (ERROR, PARTIAL, RECORDS, Progress, fingerprint, write_atomic, write_json,
+                           write_records)
 from bench.retrain import RETRAIN, retrain
 
 log = logging.getLogger("bench.run")
@@ -241,6 +244,10 @@ def run_cell(cfg) -> Path:
     return out
 
 
+def not_finite_ppl(row: dict) -> bool:
+    return row["stage"] == "ppl" and not math.isfinite(row["value"])
+
+
 def _run(cfg, method, ratio: float, out: Path, rows: list[dict]) -> None:
     torch.manual_seed(int(cfg.seed))
     t_cell = time.perf_counter()
@@ -274,10 +281,18 @@ def _run(cfg, method, ratio: float, out: Path, rows: list[dict]) -> None:
         ident |= {"removed_frac_block_params": 0.0, "removed_frac_total_params": 0.0}
     prov = provenance(cfg, model.device, model.dtype) | timing
     dense = (lambda: base) if method.prunes else None  # the speed stage's reference
+    model_key = fingerprint(OmegaConf.to_container(cfg.model, resolve=True), cfg.device, cfg.dtype, cfg.seed,
+                            bool(cfg.get("shape_only")), weight_sums(model))  # the weights stand for plan and retrain
+    progress = Progress(out / PARTIAL, model_key)
     for stage in cfg.eval.stages:
-        rows += [ident | row | prov for row in STAGES[stage](model, tokenizer, cfg, dense=dense)]
-        bad = [r for r in rows if r["stage"] == "ppl" and not math.isfinite(r["value"])]
+        rows += [ident | row | prov for row in STAGES[stage](model, tokenizer, cfg, dense=dense, progress=progress)]
+        bad = [r for r in rows if not_finite_ppl(r)]
         if bad:
+            progress.drop(not_finite_ppl)  # a failure, not a finished unit: the rerun measures it again
             raise BenchError(f"{method.label} at ratio {ratio:g}: perplexity on {bad[0]['task']} is {bad[0]['value']}")
+    if progress.reused:
+        log.info("%s: reused %d finished units of an interrupted run (%s)", out, len(progress.reused),
+                 ", ".join(progress.reused))
     write_records(out / RECORDS, rows)
+    progress.finish()
     log.info("%s: %d records in %.1f s", out, len(rows), time.perf_counter() - t_cell)

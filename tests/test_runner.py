@@ -132,3 +132,53 @@ def test_multirun_sweeps_cells_in_one_process(tmp_path, data_root):
     assert cells == ["tiny-llama/dense/r0", "tiny-llama/depth_magnitude+/r0.25", "tiny-llama/depth_magnitude+/r0.4"]
     bad = cli("-m", "method=dense,nope", data_root=data_root, tmp_path=tmp_path)
     assert bad.returncode != 0 and "method='nope': allowed values are" in bad.stderr
+
+
+def test_interrupted_cell_redoes_only_the_unfinished_units(cfg_for, monkeypatch, tmp_path):
+    """A cell killed inside its evaluation keeps its finished units in partial.jsonl; the rerun measures only the
+    rest, and its records equal those of an uninterrupted run."""
+    import bench.evals.perplexity as ppl
+
+    args = ("model=tiny-llama", "method=depth_magnitude", "ratio=0.25", "eval.ppl.max_windows=2",
+            "eval.ppl.bos_modes=[once,every]")
+    real, calls = ppl.perplexity, []
+
+    def failing_third(*a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("injected failure in the third unit")
+        return real(*a, **k)
+
+    monkeypatch.setattr(ppl, "perplexity", failing_third)
+    with pytest.raises(RuntimeError, match="injected"):
+        run_cell(cfg_for(*args))
+    cell = tmp_path / "results" / "tiny-llama" / "depth_magnitude+" / "r0.25"
+    partial = [json.loads(line) for line in (cell / "partial.jsonl").read_text().splitlines()]
+    assert [e["unit"] for e in partial] == ["ppl/wikitext2/once", "ppl/wikitext2/every"]
+    assert not (cell / "records.jsonl").exists() and (cell / "error.json").exists()
+
+    calls.clear()
+    monkeypatch.setattr(ppl, "perplexity", lambda *a, **k: calls.append(1) or real(*a, **k))
+    run_cell(cfg_for(*args))
+    assert len(calls) == 2  # the two PTB units only
+    assert not (cell / "partial.jsonl").exists() and not (cell / "error.json").exists()
+    resumed = [json.loads(line) for line in (cell / "records.jsonl").read_text().splitlines()]
+    assert [(r["task"], r["metric"]) for r in resumed] == [("wikitext2", "ppl"), ("wikitext2", "ppl_bos"),
+                                                           ("ptb", "ppl"), ("ptb", "ppl_bos")]
+    fresh = run_cell(cfg_for(*args, f"out_dir={tmp_path / 'fresh'}"))
+    expected = [json.loads(line)["value"] for line in (fresh / "records.jsonl").read_text().splitlines()]
+    assert [r["value"] for r in resumed] == pytest.approx(expected, rel=1e-9)
+
+
+def test_finished_units_are_reused_only_for_the_same_model_and_config(tmp_path):
+    from bench.records import Progress
+
+    path, calls = tmp_path / "partial.jsonl", []
+    measure = lambda: calls.append(1) or [{"value": len(calls)}]  # noqa: E731
+    assert Progress(path, "model-a").run("ppl/ptb/once", {"max_windows": 2}, measure) == [{"value": 1}]
+    assert Progress(path, "model-a").run("ppl/ptb/once", {"max_windows": 2}, measure) == [{"value": 1}]
+    assert Progress(path, "model-b").run("ppl/ptb/once", {"max_windows": 2}, measure) == [{"value": 2}]
+    assert Progress(path, "model-b").run("ppl/ptb/once", {"max_windows": 4}, measure) == [{"value": 3}]
+    assert len(calls) == 3 and len(path.read_text().splitlines()) == 1
+    Progress(path, "model-b").finish()
+    assert not path.exists()

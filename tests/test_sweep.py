@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -85,8 +86,10 @@ def test_nan_perplexity_fails_the_cell_with_its_rows(cfg_for, monkeypatch):
     assert error["error"] == "BenchError" and len(error["rows"]) == 4 and "Traceback" in error["traceback"]
     assert not (cell.parent / "records.jsonl").exists()
     monkeypatch.undo()
-    run_cell(cfg)  # the rerun succeeds and clears the error
+    run_cell(cfg)  # the rerun measures the failed units again, succeeds and clears the error
     assert (cell.parent / "records.jsonl").exists() and not cell.exists()
+    rows = [json.loads(line) for line in (cell.parent / "records.jsonl").read_text().splitlines()]
+    assert len(rows) == 4 and all(math.isfinite(r["value"]) for r in rows)
 
 
 def test_submitit_local_runs_cells_in_subprocesses(tmp_path, data_root):

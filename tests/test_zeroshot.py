@@ -94,3 +94,32 @@ def test_missing_task_file_names_it(tmp_path):
         (tmp_path / "piqa").mkdir()
         (tmp_path / "piqa" / "valid.jsonl").write_text("{}\n")
         local_docs("piqa", tmp_path)
+
+
+@needs_data
+def test_zeroshot_task_is_a_resumable_unit(cfg_for, monkeypatch):
+    """Killed in its second task, a cell's rerun evaluates only that task and keeps the first one's rows."""
+    import json
+
+    import bench.evals.zeroshot as zs
+    from bench.runner import run_cell
+
+    args = ("model=tiny-llama", "method=dense", f"data_root={DATA}", "eval.stages=[zeroshot]",
+            "eval.zeroshot.tasks=[piqa,arc_easy]", "eval.zeroshot.limit=2", "eval.zeroshot.batch_size=4")
+    real, seen = zs.task_rows, []
+
+    def fail_on_arc(lm, task, *a):
+        seen.append(task)
+        if task == "arc_easy" and len(seen) == 2:
+            raise RuntimeError("injected failure in arc_easy")
+        return real(lm, task, *a)
+
+    monkeypatch.setattr(zs, "task_rows", fail_on_arc)
+    with pytest.raises(RuntimeError, match="injected"):
+        run_cell(cfg_for(*args))
+    out = run_cell(cfg_for(*args))
+    assert seen == ["piqa", "arc_easy", "arc_easy"]
+    rows = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
+    assert [(r["task"], r["metric"]) for r in rows] == [("piqa", "acc"), ("piqa", "acc_norm"), ("arc_easy", "acc"),
+                                                        ("arc_easy", "acc_norm")]
+    assert not (out / "partial.jsonl").exists()

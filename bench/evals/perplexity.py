@@ -8,7 +8,8 @@ Rows joined with "\\n\\n", tokenized without special tokens, cut into non-overla
     every  (metric `ppl_bos`, the official ppl_bos.csv): a BOS before every window; seq_len + 1 inputs,
                                                           seq_len targets per window
 
-`max_windows` keeps the first N windows for quick runs (null = the full pass). The stderr is that of the mean
+`max_windows` keeps the first N windows for quick runs (null = the full pass). Each corpus x BOS mode is one
+resumable unit of the cell (bench.records.Progress). The stderr is that of the mean
 NLL over windows, carried to PPL by the delta method (PPL x stderr of mean NLL).
 
     python -m bench method=dense eval.ppl.max_windows=64
@@ -23,6 +24,7 @@ import time
 import torch
 
 from bench.data import text_rows
+from bench.records import Progress
 
 log = logging.getLogger("bench.ppl")
 
@@ -70,24 +72,29 @@ def perplexity(model, wins: torch.Tensor, batch_size: int) -> tuple[float, float
     return math.exp(mean), math.exp(mean) * se
 
 
-def evaluate(model, tokenizer, cfg, dense=None) -> list[dict]:
-    pcfg = cfg.eval.ppl
+def evaluate(model, tokenizer, cfg, dense=None, progress: Progress | None = None) -> list[dict]:
+    pcfg, progress = cfg.eval.ppl, progress or Progress()
     bos_modes = list(pcfg.bos_modes)
     if cfg.model.get("ppl_bos_every") and "every" not in bos_modes:
         bos_modes.append("every")  # Gemma without a BOS per window is catastrophic (methods.md section 2.1)
+    settings = {k: pcfg.get(k) for k in ("seq_len", "batch_size", "max_windows")}
     rows = []
     for name in pcfg.datasets:
         text_rows_, source = text_rows(name, cfg.get("data_root") or None)
         ids = tokenizer("\n\n".join(text_rows_), return_tensors="pt", add_special_tokens=False).input_ids[0]
         for bos in bos_modes:
-            t0 = time.perf_counter()
-            wins = windows(ids, pcfg.seq_len, tokenizer.bos_token_id, bos)
-            if pcfg.get("max_windows"):
-                wins = wins[: pcfg.max_windows]
-            ppl, se = perplexity(model, wins, pcfg.batch_size)
-            elapsed = time.perf_counter() - t0
-            log.info("%s %s: %.3f +- %.3f (%d windows, %.1f s)", name, METRIC[bos], ppl, se, len(wins), elapsed)
-            rows.append({"stage": "ppl", "task": name, "metric": METRIC[bos], "value": ppl, "stderr": se,
-                         "n": len(wins), "unit": "", "seq_len": pcfg.seq_len, "data_source": source,
-                         "elapsed_s": elapsed})
+            rows += progress.run(f"ppl/{name}/{bos}", settings | {"source": source, "bos": bos},
+                                 lambda: [_corpus_row(model, tokenizer, ids, pcfg, name, bos, source)])
     return rows
+
+
+def _corpus_row(model, tokenizer, ids: torch.Tensor, pcfg, name: str, bos: str, source: str) -> dict:
+    t0 = time.perf_counter()
+    wins = windows(ids, pcfg.seq_len, tokenizer.bos_token_id, bos)
+    if pcfg.get("max_windows"):
+        wins = wins[: pcfg.max_windows]
+    ppl, se = perplexity(model, wins, pcfg.batch_size)
+    elapsed = time.perf_counter() - t0
+    log.info("%s %s: %.3f +- %.3f (%d windows, %.1f s)", name, METRIC[bos], ppl, se, len(wins), elapsed)
+    return {"stage": "ppl", "task": name, "metric": METRIC[bos], "value": ppl, "stderr": se, "n": len(wins),
+            "unit": "", "seq_len": pcfg.seq_len, "data_source": source, "elapsed_s": elapsed}

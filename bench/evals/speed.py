@@ -39,6 +39,9 @@ import time
 from pathlib import Path
 
 import torch
+from omegaconf import OmegaConf
+
+from bench.records import Progress
 
 log = logging.getLogger("bench.speed")
 
@@ -291,9 +294,15 @@ def _compile_limits() -> None:
 
 # --- the stage --------------------------------------------------------------------------------------------------
 
-def evaluate(model, tokenizer, cfg, dense=None) -> list[dict]:
+def evaluate(model, tokenizer, cfg, dense=None, progress: Progress | None = None) -> list[dict]:
     """The cell's model, interleaved with the dense base model (`dense()`, when the cell prunes) for speedups;
-    returns the cell's rows only (the dense figures measured alongside are in its `speedup` rows)."""
+    returns the cell's rows only (the dense figures measured alongside are in its `speedup` rows). The whole
+    stage is one resumable unit of the cell (bench.records.Progress)."""
+    config = OmegaConf.to_container(cfg.eval.speed, resolve=True) | {"seed": int(cfg.seed)}
+    return (progress or Progress()).run("speed", config, lambda: _measure_cell(model, tokenizer, cfg, dense))
+
+
+def _measure_cell(model, tokenizer, cfg, dense) -> list[dict]:
     scfg = cfg.eval.speed
     if "compiled" in scfg.runtimes:
         _compile_limits()

@@ -7,7 +7,9 @@ the data root (shared/data/README.md gives their formats). Prompts, choices, tar
 lm-eval's own.
 
 The paper's metric per task (../shared/docs/methods.md section 2.2): boolq acc, piqa acc, hellaswag acc_norm,
-winogrande acc, arc_easy acc, arc_challenge acc_norm, openbookqa acc_norm; both metrics are recorded.
+winogrande acc, arc_easy acc, arc_challenge acc_norm, openbookqa acc_norm; both metrics are recorded. Each task
+is one `simple_evaluate` call and one resumable unit of the cell (bench.records.Progress): a full pass of the
+seven is hours on a CPU, and a killed run redoes only the task it was in.
 
     python -m bench method=depth_ppl eval.stages=[zeroshot] eval.zeroshot.limit=50
 """
@@ -24,6 +26,7 @@ import time
 from pathlib import Path
 
 from bench import BenchError
+from bench.records import Progress
 
 log = logging.getLogger("bench.zeroshot")
 
@@ -133,41 +136,56 @@ def task_manager(include_path: str | None, tasks: tuple[str, ...] = ()):
     return TaskManager(include_path=include_path)
 
 
-def evaluate(model, tokenizer, cfg, dense=None) -> list[dict]:
-    from lm_eval import simple_evaluate
+def evaluate(model, tokenizer, cfg, dense=None, progress: Progress | None = None) -> list[dict]:
     from lm_eval.models.huggingface import HFLM
 
-    zcfg = cfg.eval.zeroshot
+    zcfg, progress = cfg.eval.zeroshot, progress or Progress()
     data_root = cfg.get("data_root") or None
     tasks = list(zcfg.tasks)
     if data_root:
         manager = task_manager(str(local_tasks(tasks, data_root, Path(cfg.cache_dir) / "lm_eval_tasks")),
                                tuple(sorted(tasks)))
-        names = {t: f"{t}_local" for t in tasks}
     else:
-        manager, names = task_manager(None), {t: t for t in tasks}
-    t0 = time.perf_counter()
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=zcfg.batch_size)
-    out = simple_evaluate(model=lm, tasks=list(names.values()), num_fewshot=0, limit=zcfg.get("limit"),
-                          task_manager=manager, log_samples=False, random_seed=int(cfg.seed),
-                          numpy_random_seed=int(cfg.seed), torch_random_seed=int(cfg.seed))
-    elapsed = time.perf_counter() - t0
+        manager = task_manager(None)
     source = "local" if data_root else "hub"
-    rows, paper = [], []
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=zcfg.batch_size)
+    settings = {"limit": zcfg.get("limit"), "batch_size": zcfg.batch_size, "seed": int(cfg.seed), "source": source,
+                "lm_eval": _lm_eval_version()}
+    rows = []
     for task in tasks:
-        res, n = out["results"][names[task]], out["n-samples"][names[task]]["effective"]
-        for metric in ("acc", "acc_norm"):
-            if f"{metric},none" not in res:
-                continue
-            value, se = res[f"{metric},none"], res.get(f"{metric}_stderr,none")
-            rows.append({"stage": "zeroshot", "task": task, "metric": metric, "value": value,
-                         "stderr": se if isinstance(se, float) else None, "n": n, "unit": "",
-                         "paper_metric": metric == PAPER_METRIC[task], "data_source": source, "elapsed_s": elapsed})
-            if metric == PAPER_METRIC[task]:
-                paper.append(value)
-        log.info("%s: %s %.4f (n=%d)", task, PAPER_METRIC[task], res[f"{PAPER_METRIC[task]},none"], n)
+        rows += progress.run(f"zeroshot/{task}", settings,
+                             lambda: task_rows(lm, task, f"{task}_local" if data_root else task, manager, zcfg,
+                                               int(cfg.seed), source))
+    paper = [r["value"] for r in rows if r["paper_metric"]]
     if len(paper) == len(TASKS):
         rows.append({"stage": "zeroshot", "task": "average", "metric": "paper", "value": sum(paper) / len(paper),
                      "stderr": None, "n": len(paper), "unit": "", "paper_metric": True, "data_source": source,
-                     "elapsed_s": elapsed})
+                     "elapsed_s": sum(r["elapsed_s"] for r in rows if r["paper_metric"])})
     return rows
+
+
+def task_rows(lm, task: str, name: str, manager, zcfg, seed: int, source: str) -> list[dict]:
+    """One task through lm-eval's `simple_evaluate`, 0-shot: a row per metric (acc, acc_norm) with its stderr."""
+    from lm_eval import simple_evaluate
+
+    t0 = time.perf_counter()
+    out = simple_evaluate(model=lm, tasks=[name], num_fewshot=0, limit=zcfg.get("limit"), task_manager=manager,
+                          log_samples=False, random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed)
+    elapsed = time.perf_counter() - t0
+    res, n = out["results"][name], out["n-samples"][name]["effective"]
+    rows = []
+    for metric in ("acc", "acc_norm"):
+        if f"{metric},none" not in res:
+            continue
+        se = res.get(f"{metric}_stderr,none")
+        rows.append({"stage": "zeroshot", "task": task, "metric": metric, "value": res[f"{metric},none"],
+                     "stderr": se if isinstance(se, float) else None, "n": n, "unit": "",
+                     "paper_metric": metric == PAPER_METRIC[task], "data_source": source, "elapsed_s": elapsed})
+    log.info("%s: %s %.4f (n=%d, %.0f s)", task, PAPER_METRIC[task], res[f"{PAPER_METRIC[task]},none"], n, elapsed)
+    return rows
+
+
+def _lm_eval_version() -> str:
+    from importlib.metadata import version
+
+    return version("lm_eval")
