@@ -78,8 +78,8 @@ gpu-wheels: setup
 	$(BIN)/pip download --quiet --no-deps -d $(GPU_WHEELS) hydra-core==1.3.8 omegaconf==2.3.1 torch-pruning==1.6.1
 	$(BIN)/pip wheel --quiet --no-deps -w $(GPU_WHEELS) antlr4-python3-runtime==4.9.3
 
-# llama-7b shape (random bf16 weights, no download): dense vs depth and width (uniform) at 20% and 35%, batch 1-256,
-# 128 new tokens, records + plots in $(OUT). Without a GPU: a tiny shape, to check the command itself.
+# llama-7b shape (random bf16 weights, no download): dense vs depth and width (uniform) at 20% and 35%, batch 1, 4,
+# 16, 64, 256, 128 new tokens, records + plots in $(OUT). Without a GPU: a tiny shape, to check the command itself.
 gpu-check:
 	$(GPU_PY) -c "import hydra, omegaconf, torch_pruning" 2>/dev/null || \
 		$(GPU_PY) -m pip install --quiet --no-index --no-deps --target .cache/gpu-site $(GPU_WHEELS)/*.whl

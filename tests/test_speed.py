@@ -131,3 +131,12 @@ def test_compiled_runtime_on_cpu(cfg_for):
                                     "eval.speed.min_time_s=0")))
     lat = next(r for r in rows if r["metric"] == "latency_s")
     assert lat["runtime"] == "compiled" and lat["status"] == "ok" and lat["n"] == 2
+
+
+def test_warmup_is_full_length_on_a_gpu_and_short_for_eager_on_the_cpu():
+    scfg = compose(["eval.speed.warmup_tokens=2"]).eval.speed
+    cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)  # a device object only: nothing is allocated
+    assert speed.warmup_tokens("eager", cpu, 128, scfg) == 2
+    assert speed.warmup_tokens("eager", cpu, 1, scfg) == 1
+    assert speed.warmup_tokens("eager", gpu, 128, scfg) == 128
+    assert speed.warmup_tokens("compiled", cpu, 128, scfg) == 128
