@@ -201,7 +201,7 @@ def measure(models: dict, ids: torch.Tensor, scfg, reference: str | None = None)
 def warmup_tokens(runtime: str, device: torch.device, new_tokens: int, scfg) -> int:
     """New tokens per warm-up generate. A compiled runtime warms at the measured shape (a static cache of another
     length would recompile); so does a GPU, where the first generate through each new KV length pays one-time
-    costs (on an H200, llama-7b's first 128-token run after a 2-token warm-up took 2-3x as long as the next).
+    costs (on an H200, llama-7b's first 128-token run after a 2-token warm-up took up to 3.4x as long as the next).
     Eager on the CPU warms with `warmup_tokens`, which saves minutes per sweep."""
     if runtime == "compiled" or device.type == "cuda":
         return new_tokens
