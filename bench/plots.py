@@ -76,7 +76,8 @@ def per_batch(plt, sp: pd.DataFrame, metric: str, ylabel: str, out: Path, name: 
     if metric == "speedup":
         ax.axhline(1.0, color="grey", lw=0.8)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
+    # beside the axes: with a dozen lines or more, a legend inside hides the points
+    ax.legend(fontsize=7, ncol=1 + len(methods) // 8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     first = sel.iloc[0]
     ax.set_title(f"{first.model} ({first.get('mode', 'weights')}, {first.get('dtype', '')}, "
                  f"{first.get('device_name', '')}): {first.runtime} generate, {first.new_tokens:g} new tokens",
