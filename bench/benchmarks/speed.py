@@ -29,9 +29,9 @@ from bench import BenchError
 
 log = logging.getLogger("bench.bench_speed")
 
-# Batch 1 to 256 in steps of 4x: on an H200 each (model, batch) point costs about 13 s with the full-length warm-up
-# a GPU needs (5 models: about 65 s a point), so 5 points keep the check near 6 minutes; the paper's 7 points
-# (1, 8, ..., 256) are one override away: eval.speed.batch_sizes=[1,8,16,32,64,128,256].
+# Batch 1 to 256 in steps of 4x: with the full-length warm-up a GPU needs, one H200 run's timings put a (model,
+# batch) point at about 13 s (5 models: about 65 s a point; an estimate), so 5 points keep the check near 6
+# minutes; the paper's 7 points are one override away: eval.speed.batch_sizes=[1,8,16,32,64,128,256].
 GPU_CHECK = ["model=llama-7b", "shape_only=true", "dtype=bfloat16", "eval.speed.batch_sizes=[1,4,16,64,256]",
              "eval.speed.new_tokens=[128]", "eval.speed.warmup=1", "eval.speed.repeats=2", "eval.speed.min_time_s=0"]
 GPU_CHECK_CPU = ["model=tiny-llama-gqa", "shape_only=true", "eval.speed.batch_sizes=[1,4,16]",
