@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Iterable
@@ -19,6 +20,7 @@ from typing import Iterable
 RECORDS = "records.jsonl"
 ERROR = "error.json"  # a failed cell: type, message, traceback and any rows measured before the failure
 PARTIAL = "partial.jsonl"  # an unfinished cell: its finished evaluation units (Progress)
+UNIT_SCRATCH = "partial_units"  # an unfinished unit's own checkpoints (lm-eval's request cache), one folder per unit
 
 
 def write_atomic(path: Path, data: str | bytes) -> None:
@@ -81,8 +83,8 @@ class Progress:
 
     A unit is one perplexity corpus x BOS mode, one zero-shot task, or the speed stage. `run(unit, config, fn)`
     returns the stored rows when the unit was finished with the same key, else runs `fn` and stores its rows
-    (the file rewritten atomically). So a rerun after kill -9 redoes only the unit that was running, and a changed
-    model or stage config redoes what it touches. `Progress()` (no path) just runs.
+    (the file rewritten atomically). So a rerun after kill -9 redoes only the unit that was running (a zero-shot
+    task only its unanswered requests, see `run`), and a changed model or stage config redoes what it touches. `Progress()` (no path) just runs.
     """
 
     def __init__(self, path: Path | None = None, model_key: str = ""):
@@ -92,16 +94,36 @@ class Progress:
                 entry = json.loads(line)
                 self.units[entry["unit"]] = entry
 
-    def run(self, unit: str, config, fn) -> list[dict]:
+    def run(self, unit: str, config, fn, resumable: bool = False) -> list[dict]:
+        """The unit's rows: stored ones when it finished with the same key, else `fn()`'s, then stored.
+
+        `resumable=True`: `fn(folder)` gets a folder of its own for checkpoints inside the unit (lm-eval's
+        per-request cache: one HellaSwag pass is two hours here), or None without a path. The folder is named by
+        the unit's key, so a changed model or config starts afresh; it goes once the unit's rows are stored.
+        """
         key = fingerprint(self.model_key, config)
         entry = self.units.get(unit)
         if entry is not None and entry["key"] == key:
             self.reused.append(unit)
             return entry["rows"]
-        rows = fn()
+        folder = self._scratch(unit, key) if resumable else None
+        rows = fn(folder) if resumable else fn()
         self.units[unit] = {"unit": unit, "key": key, "rows": rows}
         self._write()
+        if folder is not None:
+            shutil.rmtree(folder, ignore_errors=True)
         return rows
+
+    def _scratch(self, unit: str, key: str) -> Path | None:
+        if self.path is None:
+            return None
+        name = re.sub(r"[^\w.-]", "_", unit)
+        folder = Path(self.path).parent / UNIT_SCRATCH / f"{name}-{key[:16]}"
+        for stale in folder.parent.glob(f"{name}-*"):
+            if stale != folder:  # checkpoints of another model or config
+                shutil.rmtree(stale, ignore_errors=True)
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder
 
     def drop(self, bad) -> None:
         """Forget the units holding a row for which `bad(row)` is true (a NaN perplexity): a rerun measures them."""
@@ -113,6 +135,7 @@ class Progress:
             write_atomic(self.path, "".join(json.dumps(e) + "\n" for e in self.units.values()))
 
     def finish(self) -> None:
-        """The cell's records are written: its partial file goes."""
+        """The cell's records are written: its partial file and any unit checkpoints go."""
         if self.path is not None:
             Path(self.path).unlink(missing_ok=True)
+            shutil.rmtree(Path(self.path).parent / UNIT_SCRATCH, ignore_errors=True)

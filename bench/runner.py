@@ -18,6 +18,8 @@ Writes to <out_dir>/<model>/<method>/r<ratio>/ (dense: r0):
     retrain.json   with retrain=lora: the loss curve, the selected step, the data source
     partial.jsonl  while the cell evaluates: its finished units (a corpus, a task, the speed stage), so a rerun
                    after a kill redoes only the unit that was running (bench.records.Progress); removed at the end
+    partial_units/ while a zero-shot task runs: lm-eval's cache of the requests it answered, so a killed task
+                   resumes where it stopped; removed with the unit
     records.jsonl  one row per stage x task x metric, with provenance; its presence marks the cell done
     error.json     only after a failure: the error, its traceback and the rows measured before it
 """

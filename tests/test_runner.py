@@ -182,3 +182,33 @@ def test_finished_units_are_reused_only_for_the_same_model_and_config(tmp_path):
     assert len(calls) == 3 and len(path.read_text().splitlines()) == 1
     Progress(path, "model-b").finish()
     assert not path.exists()
+
+
+def test_a_resumable_unit_keeps_its_checkpoints_until_it_finishes(tmp_path):
+    from bench.records import UNIT_SCRATCH, Progress
+
+    path, folders = tmp_path / "partial.jsonl", []
+
+    def killed(folder):
+        folders.append(folder)
+        (folder / "answered").write_text("2 of 4")
+        raise KeyboardInterrupt
+
+    def finish(folder):
+        folders.append(folder)
+        return [{"value": (folder / "answered").read_text() if (folder / "answered").exists() else "fresh"}]
+
+    with pytest.raises(KeyboardInterrupt):
+        Progress(path, "model-a").run("zeroshot/piqa", {"limit": None}, killed, resumable=True)
+    assert Progress(path, "model-a").run("zeroshot/piqa", {"limit": None}, finish, resumable=True) == [
+        {"value": "2 of 4"}]
+    assert folders[0] == folders[1] and not folders[0].exists()
+    with pytest.raises(KeyboardInterrupt):
+        Progress(path, "model-a").run("zeroshot/boolq", {"limit": None}, killed, resumable=True)
+    assert Progress(path, "model-b").run("zeroshot/boolq", {"limit": None}, finish, resumable=True) == [
+        {"value": "fresh"}]  # another model: the old checkpoints are not used, and go
+    assert not folders[2].exists() and folders[3] != folders[2]
+    Progress(path, "model-b").finish()
+    assert not (tmp_path / UNIT_SCRATCH).exists()
+    assert Progress().run("zeroshot/piqa", {}, lambda folder: [{"folder": folder}], resumable=True) == [
+        {"folder": None}]

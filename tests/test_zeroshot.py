@@ -123,3 +123,39 @@ def test_zeroshot_task_is_a_resumable_unit(cfg_for, monkeypatch):
     assert [(r["task"], r["metric"]) for r in rows] == [("piqa", "acc"), ("piqa", "acc_norm"), ("arc_easy", "acc"),
                                                         ("arc_easy", "acc_norm")]
     assert not (out / "partial.jsonl").exists()
+
+
+@needs_data
+def test_killed_task_resumes_from_its_answered_requests(cfg_for, monkeypatch, tmp_path):
+    """Killed after 2 of piqa's 4 requests, the rerun asks the model only for the other 2 and gives the rows of an
+    uninterrupted run; the finished cell leaves no checkpoint folder behind."""
+    import json
+
+    from lm_eval.models.huggingface import HFLM
+
+    from bench.records import UNIT_SCRATCH
+    from bench.runner import run_cell
+
+    args = ("model=tiny-llama", "method=dense", f"data_root={DATA}", "eval.stages=[zeroshot]",
+            "eval.zeroshot.tasks=[piqa]", "eval.zeroshot.limit=2", "eval.zeroshot.batch_size=1")
+    real, calls, kill_at = HFLM._model_call, [], [3]
+
+    def killed_after_two(self, *a, **kw):
+        calls.append(1)
+        if len(calls) in kill_at:
+            raise KeyboardInterrupt("killed")
+        return real(self, *a, **kw)
+
+    monkeypatch.setattr(HFLM, "_model_call", killed_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        run_cell(cfg_for(*args))
+    calls.clear(), kill_at.clear()
+    out = run_cell(cfg_for(*args))
+    assert len(calls) == 2
+    assert not (out / UNIT_SCRATCH).exists()
+    calls.clear()
+    fresh = run_cell(cfg_for(*args, f"out_dir={tmp_path / 'fresh'}"))
+    assert len(calls) == 4
+    resumed, expected = ([json.loads(line) for line in (cell / "records.jsonl").open()] for cell in (out, fresh))
+    assert [r["metric"] for r in resumed] == [r["metric"] for r in expected] == ["acc", "acc_norm"]
+    assert [r["value"] for r in resumed] == pytest.approx([r["value"] for r in expected])

@@ -9,7 +9,9 @@ lm-eval's own.
 The paper's metric per task (../shared/docs/methods.md section 2.2): boolq acc, piqa acc, hellaswag acc_norm,
 winogrande acc, arc_easy acc, arc_challenge acc_norm, openbookqa acc_norm; both metrics are recorded. Each task
 is one `simple_evaluate` call and one resumable unit of the cell (bench.records.Progress): a full pass of the
-seven is hours on a CPU, and a killed run redoes only the task it was in.
+seven is hours on a CPU, and a killed run redoes only the task it was in, and of that task only the requests it
+had not answered (lm-eval's request cache, `use_cache`, in the unit's checkpoint folder). After such a resume the
+task's `elapsed_s` is the resumed call's wall time.
 
     python -m bench method=depth_ppl eval.stages=[zeroshot] eval.zeroshot.limit=50
 """
@@ -154,8 +156,8 @@ def evaluate(model, tokenizer, cfg, dense=None, progress: Progress | None = None
     rows = []
     for task in tasks:
         rows += progress.run(f"zeroshot/{task}", settings,
-                             lambda: task_rows(lm, task, f"{task}_local" if data_root else task, manager, zcfg,
-                                               int(cfg.seed), source))
+                             lambda folder: task_rows(lm, task, f"{task}_local" if data_root else task, manager,
+                                                      zcfg, int(cfg.seed), source, folder), resumable=True)
     paper = [r["value"] for r in rows if r["paper_metric"]]
     if len(paper) == len(TASKS):
         rows.append({"stage": "zeroshot", "task": "average", "metric": "paper", "value": sum(paper) / len(paper),
@@ -164,13 +166,25 @@ def evaluate(model, tokenizer, cfg, dense=None, progress: Progress | None = None
     return rows
 
 
-def task_rows(lm, task: str, name: str, manager, zcfg, seed: int, source: str) -> list[dict]:
-    """One task through lm-eval's `simple_evaluate`, 0-shot: a row per metric (acc, acc_norm) with its stderr."""
+def task_rows(lm, task: str, name: str, manager, zcfg, seed: int, source: str,
+              checkpoints: Path | None = None) -> list[dict]:
+    """One task through lm-eval's `simple_evaluate`, 0-shot: a row per metric (acc, acc_norm) with its stderr.
+
+    With a `checkpoints` folder, lm-eval stores each answered request there as it goes (sqlite, about 0.5 ms a
+    request) and answers stored ones from it, so a killed pass resumes where it stopped.
+    """
     from lm_eval import simple_evaluate
+    from lm_eval.api.model import CacheHook
 
     t0 = time.perf_counter()
-    out = simple_evaluate(model=lm, tasks=[name], num_fewshot=0, limit=zcfg.get("limit"), task_manager=manager,
-                          log_samples=False, random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed)
+    try:
+        out = simple_evaluate(model=lm, tasks=[name], num_fewshot=0, limit=zcfg.get("limit"), task_manager=manager,
+                              log_samples=False, random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
+                              use_cache=str(checkpoints / "requests") if checkpoints else None)
+    finally:
+        if checkpoints and lm.cache_hook.dbdict is not None:  # the request cache lm-eval hooked into the model
+            lm.cache_hook.dbdict.close()
+            lm.set_cache_hook(CacheHook(None))
     elapsed = time.perf_counter() - t0
     res, n = out["results"][name], out["n-samples"][name]["effective"]
     rows = []
