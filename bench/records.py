@@ -84,7 +84,8 @@ class Progress:
     A unit is one perplexity corpus x BOS mode, one zero-shot task, or the speed stage. `run(unit, config, fn)`
     returns the stored rows when the unit was finished with the same key, else runs `fn` and stores its rows
     (the file rewritten atomically). So a rerun after kill -9 redoes only the unit that was running (a zero-shot
-    task only its unanswered requests, see `run`), and a changed model or stage config redoes what it touches. `Progress()` (no path) just runs.
+    task only its unanswered requests, see `run`), and a changed model or stage config redoes what it touches.
+    `Progress()` (no path) just runs.
     """
 
     def __init__(self, path: Path | None = None, model_key: str = ""):
