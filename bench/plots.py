@@ -37,6 +37,7 @@ def _label(row) -> str:
 
 def _save(fig, out: Path, name: str) -> list[Path]:
     paths = []
+    out.mkdir(parents=True, exist_ok=True)
     for ext in ("png", "pdf"):
         path = out / f"{name}.{ext}"
         # no creation date in the PDF: regenerating the same records gives the same bytes
@@ -92,7 +93,6 @@ def write_plots(results_dir: str | Path, out_dir: str | Path) -> list[Path]:
     if df.empty:
         raise SystemExit(f"no records.jsonl below {results_dir}")
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     plt = pyplot()
     paths = []
     sp = speed_rows(df)
@@ -104,9 +104,11 @@ def write_plots(results_dir: str | Path, out_dir: str | Path) -> list[Path]:
     b = sp.batch_size.min() if not sp.empty else None
     rows = table.assign(accuracy=table.get("Avg"), ppl=table.get("WikiText2"),
                         speedup=table.get(f"speedup bs{b:g}") if b is not None else None)
-    rows.loc[rows.kind == "dense", "speedup"] = 1.0
+    if not sp.empty:  # dense is the speedup reference only where speed was measured
+        rows.loc[rows.kind == "dense", "speedup"] = 1.0
 
-    if rows.accuracy.notna().any():
+    # accuracy against speedup needs both; a zero-shot-only sweep (zeroshot_full) would plot a lone dense point
+    if not sp.empty and rows.accuracy.notna().any():
         pts = rows.dropna(subset=["accuracy", "speedup"]).reset_index(drop=True)
         fig, ax = plt.subplots(figsize=(6.4, 4.2))
         for kind, part in pts.groupby("kind"):
@@ -144,5 +146,8 @@ if __name__ == "__main__":
     if len(sys.argv) not in (2, 3):
         sys.exit("usage: python -m bench.plots RESULTS_DIR [OUT_DIR]   (default OUT_DIR: plots/<name of RESULTS_DIR>)")
     results = Path(sys.argv[1])
-    for path in write_plots(results, sys.argv[2] if len(sys.argv) == 3 else Path("plots") / results.name):
+    paths = write_plots(results, sys.argv[2] if len(sys.argv) == 3 else Path("plots") / results.name)
+    for path in paths:
         print(path)
+    if not paths:
+        print(f"no plots for {results}: its records have no speed or WikiText-2 perplexity rows", file=sys.stderr)

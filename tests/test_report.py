@@ -83,6 +83,16 @@ def test_plots_written_and_not_empty(tmp_path):
     assert all(p.stat().st_size > 1000 for p in paths) and {p.suffix for p in paths} == {".png", ".pdf"}
 
 
+def test_no_accuracy_vs_speedup_without_speed_records(tmp_path):
+    # zero-shot and PPL records only (as the zeroshot_full sweep writes): no speedup axis, so no such plot
+    write_golden(tmp_path / "res")
+    for f in (tmp_path / "res").glob("*/records.jsonl"):
+        kept = [line for line in f.read_text().splitlines() if json.loads(line)["stage"] != "speed"]
+        f.write_text("".join(line + "\n" for line in kept))
+    paths = write_plots(tmp_path / "res", tmp_path / "plots")
+    assert sorted({p.stem for p in paths}) == ["ppl_vs_params"]
+
+
 def test_pareto_front():
     # (speedup, accuracy): the dense point, a dominated one, and two on the front
     assert pareto_front([(1.0, 0.75), (1.2, 0.5), (1.3, 0.6), (1.5, 0.55)]) == [0, 2, 3]
