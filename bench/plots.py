@@ -99,13 +99,13 @@ def write_plots(results_dir: str | Path, out_dir: str | Path) -> list[Path]:
     paths += per_batch(plt, sp, "throughput_tok_s", "generated tokens / s", out, "throughput_vs_batch")
     paths += per_batch(plt, sp, "speedup", "speedup vs dense (interleaved)", out, "speedup_vs_batch")
 
-    # one row per cell, as the main table has it: zero-shot Avg (%), WikiText-2 PPL, speedup at the smallest batch
+    # one row per cell, as the main table has it: zero-shot Avg (%), WikiText-2 PPL
     table = main_table(df)
-    b = sp.batch_size.min() if not sp.empty else None
-    rows = table.assign(accuracy=table.get("Avg"), ppl=table.get("WikiText2"),
-                        speedup=table.get(f"speedup bs{b:g}") if b is not None else None)
-    # accuracy against speedup needs both; a zero-shot-only sweep (zeroshot_full) would plot a lone dense point
+    rows = table.assign(accuracy=table.get("Avg"), ppl=table.get("WikiText2"))
+    # accuracy against speedup at the smallest batch; a zero-shot-only sweep (zeroshot_full) has no speedup axis
     if not sp.empty and rows.accuracy.notna().any():
+        b = sp.batch_size.min()
+        rows["speedup"] = table.get(f"speedup bs{b:g}")
         rows.loc[rows.kind == "dense", "speedup"] = 1.0  # the reference of every measured speedup
         pts = rows.dropna(subset=["accuracy", "speedup"]).reset_index(drop=True)
         fig, ax = plt.subplots(figsize=(6.4, 4.2))
@@ -116,7 +116,7 @@ def write_plots(results_dir: str | Path, out_dir: str | Path) -> list[Path]:
                         textcoords="offset points")
         front = pareto_front(list(zip(pts.speedup, pts.accuracy)))
         ax.plot(pts.speedup[front], pts.accuracy[front], color="grey", lw=1, ls=":", label="Pareto front")
-        ax.set_xlabel(f"speedup vs dense at batch {int(sp.batch_size.min()) if not sp.empty else 1}")
+        ax.set_xlabel(f"speedup vs dense at batch {b:g}")
         ax.set_ylabel("zero-shot average accuracy (%)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
