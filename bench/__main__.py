@@ -26,16 +26,19 @@ def main(cfg) -> str:
     from hydra.types import RunMode
 
     from bench.records import RECORDS
-    from bench.runner import cell, run_cell
-    from bench.sweep import write_status
+    from bench.runner import cell, row_label, run_cell
+    from bench.sweep import cell_tag, write_status
 
     log.setLevel(logging.INFO)
     hc = HydraConfig.get()
     multirun = hc.mode == RunMode.MULTIRUN
     status = {"overrides": list(hc.overrides.task)}
     try:
-        out = cell(cfg)[2]
-        status |= {"cell": str(out), "status": "skipped" if (out / RECORDS).exists() else "ran"}
+        method, ratio, out = cell(cfg)
+        done = (out / RECORDS).exists()
+        status |= {"cell": str(out), "status": "skipped" if done else "ran"}
+        log.info("%s: %s %s r%g%s", cell_tag(hc), cfg.model.name, row_label(cfg, method), ratio,
+                 " (done, skipping)" if done else "")
         run_cell(cfg)
     except Exception as e:  # noqa: BLE001 (a sweep records any failure and goes on)
         status |= {"status": "failed", "error": f"{type(e).__name__}: {e}"}
@@ -51,9 +54,14 @@ def main(cfg) -> str:
     return status["status"]
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The `bench` console script: `python -m bench` with the same arguments."""
     try:
         check_choices(sys.argv[1:])
     except BenchError as e:
         sys.exit(f"error: {e}")
     main()
+
+
+if __name__ == "__main__":
+    cli()

@@ -12,23 +12,41 @@ from omegaconf import DictConfig
 
 from bench import BenchError
 
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+CONF_DIR = Path(__file__).resolve().parent / "conf"  # inside the package: a wheel carries the configs
 GROUPS = ("model", "method", "eval")
 
 
-def choices(group: str) -> list[str]:
-    """The runnable options of a config group (files starting with `_` are fragments)."""
-    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml") if not p.stem.startswith("_"))
+def choices(group: str, extra_dirs: list[Path] = ()) -> list[str]:
+    """The runnable options of a config group (files starting with `_` are fragments), in conf/ and in the
+    user's own config directories (`hydra.searchpath`)."""
+    return sorted({p.stem for root in (CONF_DIR, *extra_dirs) for p in (Path(root) / group).glob("*.yaml")
+                   if not p.stem.startswith("_")})
+
+
+def search_dirs(overrides: list[str]) -> list[Path]:
+    """The local directories of a `hydra.searchpath=[file:///a,/b]` override: config directories of the user's
+    own (a method defined outside the repo), searched after conf/."""
+    dirs = []
+    for arg in overrides:
+        key, _, value = arg.lstrip("+").partition("=")
+        if key == "hydra.searchpath":
+            for item in value.strip("[]").split(","):
+                item = item.strip().strip("'\"")
+                if item and not item.startswith("pkg://"):
+                    dirs.append(Path(item.removeprefix("file://")))
+    return dirs
 
 
 def check_choices(overrides: list[str]) -> None:
+    extra = search_dirs(overrides)
     for arg in overrides:
         key, sep, values = arg.lstrip("+~").partition("=")
         if not sep or key not in GROUPS:
             continue
+        allowed = choices(key, extra)
         for value in values.split(","):  # a multirun sweeps a comma-separated list
-            if value not in choices(key):
-                raise BenchError(f"{key}={value!r}: allowed values are {', '.join(choices(key))}")
+            if value not in allowed:
+                raise BenchError(f"{key}={value!r}: allowed values are {', '.join(allowed)}")
 
 
 def compose(overrides: list[str] | None = None) -> DictConfig:

@@ -53,8 +53,8 @@ def text_rows(name: str, data_root: str | Path | None) -> tuple[list[str], str]:
         from datasets import load_dataset
 
         if name == "wikitext2":
-            return list(load_dataset("wikitext", "wikitext-2-raw-v1", split="test")["text"]), "hub:wikitext-2-raw-v1"
-        return list(load_dataset("ptb_text_only", "penn_treebank", split="validation")["sentence"]), "hub:ptb_text_only"
+            return list(load_dataset(*HUB_WIKITEXT2, split="test")["text"]), "hub:wikitext-2-raw-v1"
+        return list(_hub_parquet([HUB_PTB_VALIDATION], PTB_VALIDATION_ROWS)["sentence"]), "hub:ptb_text_only"
     path = local_path(data_root, name)
     lines = path.read_text(encoding="utf-8").split("\n")
     if lines and lines[-1] == "":
@@ -98,18 +98,51 @@ def calibration_ids(tokenizer, dataset: str, n_samples: int, seq_len: int, seed:
     return torch.stack([ids[s * seq_len:(s + 1) * seq_len] for s in slots]), source
 
 
+# Hub sources (text_rows and _hub_calibration). datasets>=4 runs no loading scripts ("Dataset scripts are no longer
+# supported", huggingface/datasets#7693), and datasets 5 with the huggingface_hub that transformers 5 needs (>=1.31)
+# reads a repo through hf://datasets/<id>@<commit>, which takes only a namespaced id (bare "wikitext": HfUriError
+# "Repository id must be 'namespace/name'"). The official code's load_dataset("wikitext" / "ptb_text_only" /
+# "bookcorpus") fails on one count or both, so each corpus is read from parquet files holding the rows its loading
+# script generated, in the same order:
+#   wikitext2   Salesforce/wikitext (the canonical "wikitext" moved there), config wikitext-2-raw-v1: parquet on its
+#               main branch since its "Convert dataset to Parquet (#8)" commit; column "text".
+#   ptb         ptb-text-only/ptb_text_only is still a loading script; the hub's own parquet export of it (branch
+#               refs/convert/parquet, penn_treebank/validation/0000.parquet): 3,370 rows, column "sentence".
+#   bookcorpus  bookcorpus/bookcorpus is still a loading script on main; its "Convert dataset to Parquet" pull
+#               request (refs/pr/6, commit d904700c: plain_text/train-0000{0..9}-of-00010.parquet, then the script
+#               deleted) holds the script's 74,004,228 rows, column "text".
+# Bounding datasets<4 instead would not do: pip pairs datasets 3.6 with the same huggingface_hub, bare ids included.
+# The row counts are checked, so a changed source fails loudly instead of sampling other rows.
+HUB_WIKITEXT2 = ("Salesforce/wikitext", "wikitext-2-raw-v1")
+HUB_PTB_VALIDATION = ("hf://datasets/ptb-text-only/ptb_text_only@refs%2Fconvert%2Fparquet/"
+                      "penn_treebank/validation/0000.parquet")
+HUB_BOOKCORPUS = [f"hf://datasets/bookcorpus/bookcorpus@refs%2Fpr%2F6/plain_text/train-{i:05d}-of-00010.parquet"
+                  for i in range(10)]
+PTB_VALIDATION_ROWS, BOOKCORPUS_ROWS = 3370, 74_004_228
+
+
+def _hub_parquet(files: list[str], n_rows: int):
+    """The rows of these parquet files, in order, checked against the row count of the original dataset."""
+    from datasets import load_dataset
+
+    rows = load_dataset("parquet", data_files={"train": files}, split="train")
+    if len(rows) != n_rows:
+        raise BenchError(f"{files[0]}: {len(rows)} rows where the original dataset has {n_rows}")
+    return rows
+
+
 def _hub_calibration(tokenizer, dataset, n_samples, seq_len, rng) -> tuple[torch.Tensor, str]:
     from datasets import load_dataset
 
     if dataset == "wikitext2":
-        text = " ".join(load_dataset("wikitext", "wikitext-2-raw-v1", split="train")["text"])
+        text = " ".join(load_dataset(*HUB_WIKITEXT2, split="train")["text"])
         ids = tokenizer(text, return_tensors="pt").input_ids[0]
         starts = [rng.randint(0, len(ids) - seq_len - 1) for _ in range(n_samples)]
         return torch.stack([ids[i:i + seq_len] for i in starts]), "hub:wikitext-2-raw-v1/train"
     if dataset == "c4":
         rows = load_dataset("allenai/c4", data_files={"train": "en/c4-train.00000-of-01024.json.gz"}, split="train")
     else:
-        rows = load_dataset("bookcorpus", split="train")
+        rows = _hub_parquet(HUB_BOOKCORPUS, BOOKCORPUS_ROWS)
     samples, seen = [], set()
     while len(samples) < n_samples:
         i = rng.randint(0, len(rows) - 1)

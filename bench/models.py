@@ -81,9 +81,88 @@ def weight_sums(model: torch.nn.Module) -> list[str]:
             for name, t in model.state_dict().items()]
 
 
+# The modules each family of methods reads or cuts (for `check_layout`). A path beginning with "model." starts
+# at the causal LM (`model.model.norm` is model.model.norm); any other path is looked up in every decoder block.
+DEPTH_LAYOUT = ("model.model.layers",)
+WIDTH_LAYOUT = DEPTH_LAYOUT + ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                               "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+SLICE_LAYOUT = WIDTH_LAYOUT + ("input_layernorm", "post_attention_layernorm", "model.model.norm",
+                               "model.model.embed_tokens", "model.lm_head")
+FAMILY_LAYOUTS = {"depth methods": DEPTH_LAYOUT, "width methods": WIDTH_LAYOUT, "slicegpt": SLICE_LAYOUT}
+# Where a fused architecture keeps what the methods look for (Phi-3: one qkv_proj, one gate_up_proj).
+FUSED = {"self_attn.q_proj": "self_attn.qkv_proj", "self_attn.k_proj": "self_attn.qkv_proj",
+         "self_attn.v_proj": "self_attn.qkv_proj", "mlp.gate_proj": "mlp.gate_up_proj",
+         "mlp.up_proj": "mlp.gate_up_proj"}
+
+
+def _module_at(root, path: str):
+    """The submodule at dotted `path` below `root`, or None."""
+    for name in path.split(".") if path else ():
+        root = getattr(root, name, None)
+        if not isinstance(root, torch.nn.Module):
+            return None
+    return root
+
+
+def _absence(root, path: str, what: str) -> str | None:
+    """None if `root` (a block or the model, called `what`) has `path`; else what it has instead: the fused module
+    that holds it, or the children of the deepest module on the path that exists."""
+    if _module_at(root, path) is not None:
+        return None
+    fused = FUSED.get(path)
+    if fused and _module_at(root, fused) is not None:
+        return f"they fuse it into {fused}"
+    prefix = "model." if what == "model" else ""
+    if path == "model.layers":  # the blocks live elsewhere: name the first ModuleList (gpt2: transformer.h)
+        lists = [name for name, m in root.named_modules() if isinstance(m, torch.nn.ModuleList)]
+        if lists:
+            return f"its blocks are {prefix}{lists[0]}"
+    parts = path.split(".")
+    parent = next(p for p in (".".join(parts[:i]) for i in range(len(parts) - 1, -1, -1))
+                  if _module_at(root, p) is not None)  # the deepest existing module on the path ("" = root)
+    children = [name for name, _ in _module_at(root, parent).named_children()]
+    return f"{prefix + parent if parent else 'the ' + what} has {', '.join(children) or 'no submodules'}"
+
+
+def layout_gap(model, required) -> str | None:
+    """None if `model` has every module in `required` (paths as in DEPTH_LAYOUT); else one phrase naming the
+    first one missing and what is there instead. Every block is checked: the methods cut all of them."""
+    kind = getattr(getattr(model, "config", None), "model_type", None) or type(model).__name__
+    model_paths = [p for p in required if p.startswith("model.")]
+    block_paths = [p for p in required if not p.startswith("model.")]
+    if block_paths:
+        model_paths.insert(0, "model.model.layers")
+    for path in dict.fromkeys(model_paths):
+        why = _absence(model, path.removeprefix("model."), "model")
+        if why:
+            return f"{kind} models have no {path} ({why})"
+    for i, block in enumerate(model.model.layers if block_paths else ()):
+        for path in block_paths:
+            why = _absence(block, path, "block")
+            if why:
+                return f"{kind} {'blocks have' if i == 0 else f'block {i} has'} no {path} ({why})"
+    return None
+
+
+def check_layout(model, required, who: str) -> None:
+    """Refuse, in one line (BenchError), a model whose decoder blocks lack a module `who` (e.g. "method=flap")
+    reads or cuts, naming the first missing one and the method families this model does allow, e.g.
+    `method=llm_pruner: phi3 blocks have no self_attn.q_proj (they fuse it into self_attn.qkv_proj); allowed:
+    depth methods`. Called before scoring, so an unknown layout never surfaces as an AttributeError mid-run."""
+    gap = layout_gap(model, required)
+    if gap:
+        allowed = [family for family, layout in FAMILY_LAYOUTS.items() if layout_gap(model, layout) is None]
+        raise BenchError(f"{who}: {gap}; allowed: {', '.join(allowed) or 'none (bench knows LLaMA-style decoders)'}")
+
+
 def decoder_layers(model) -> torch.nn.ModuleList:
-    """The ModuleList of decoder blocks (`model.model.layers` for every LLaMA-style HF model)."""
-    return model.model.layers
+    """The ModuleList of decoder blocks (`model.model.layers` for every LLaMA-style HF model); a model without it
+    is refused in one line naming what it has instead."""
+    try:
+        return model.model.layers
+    except AttributeError:
+        gap = layout_gap(model, DEPTH_LAYOUT) or "no model.model.layers"
+        raise BenchError(f"{gap}; bench prunes LLaMA-style decoders (blocks at model.model.layers)") from None
 
 
 def load_model(mcfg, cache_dir: str | Path, device: str = "auto", dtype: str = "auto", shape_only: bool = False):

@@ -62,12 +62,31 @@ def write_records(path: Path, rows: Iterable[dict]) -> None:
 
 
 def load_records(root: str | Path):
-    """Every records.jsonl below `root` as one DataFrame (empty if none)."""
+    """Every records.jsonl below `root` as one DataFrame (empty if none). A file with a line that is not a JSON
+    object (corrupted by hand or by a copy) is skipped whole, with a one-line warning naming it: one bad cell
+    must not take down the report of a whole sweep, and half a cell's rows would make a misleading table row."""
+    import logging
+
     import pandas as pd
 
     rows = []
     for path in sorted(Path(root).rglob(RECORDS)):
-        rows += [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        cell, bad = [], None
+        for n, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                row = None
+            if not isinstance(row, dict):
+                bad = n
+                break
+            cell.append(row)
+        if bad:
+            logging.getLogger("bench.records").warning("skipping %s: line %d is not a JSON object", path, bad)
+            continue
+        rows += cell
     return pd.DataFrame(rows)
 
 

@@ -10,11 +10,14 @@ the smallest batch, throughput (tokens/s) and the interleaved speedup against de
 
 Markdown cells show the stderr; in Markdown and LaTeX (booktabs) the best pruned value of each column within a
 model and ratio is bold (lowest perplexity and latency, highest accuracy, throughput and speedup). The CSV holds
-every value with its stderr and sample count.
+every value with its stderr and sample count. main.md opens with a caption (`caption`) built from the same
+records: how much was measured, on what, with which calibration and package versions; main.tex carries it as a
+`% caption:` comment block.
 """
 
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 
@@ -136,6 +139,70 @@ def to_latex(table: pd.DataFrame) -> str:
     return "\n".join(lines) + "\n"
 
 
+NOT_RECORDED = "not recorded"
+VERSIONS = ("torch", "transformers", "lm_eval", "datasets", "peft", "torch_pruning")
+
+
+def _v(row: dict, key: str) -> str:
+    """A record's field as caption text: whole floats without ".0" (a column with gaps reads 2 as 2.0), a
+    field the record lacks as "not recorded" (records older than the field)."""
+    value = row.get(key)
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return NOT_RECORDED
+    return str(int(value)) if isinstance(value, float) and value.is_integer() else str(value)
+
+
+def _each(rows: pd.DataFrame, fmt, sep: str = "; ", empty: str = NOT_RECORDED) -> str:
+    """The distinct texts fmt(row) gives over the rows, in order of appearance: one value where every cell
+    agrees, each variant where they differ; `empty` where there are no rows."""
+    texts = list(dict.fromkeys(fmt(r) for r in rows.to_dict("records")))
+    return sep.join(texts) if texts else empty
+
+
+def _calibration(r: dict) -> str:
+    """A pruned cell's calibration set (the runner records it per cell; older records lack it)."""
+    if _v(r, "calibration") == NOT_RECORDED:
+        return NOT_RECORDED
+    return (f"{_v(r, 'calibration')}, {_v(r, 'calib_dataset')} {_v(r, 'calib_n_samples')} x "
+            f"{_v(r, 'calib_seq_len')} tokens, seed {_v(r, 'calib_seed')} ({_v(r, 'calib_source')})")
+
+
+def caption(df: pd.DataFrame) -> str:
+    """The caption main.md opens with, from the records alone: sweep, eval preset and what it measured per
+    stage (perplexity windows x tokens per corpus, examples per zero-shot task, speed batch sizes, new tokens
+    and rounds), device / dtype / threads, the pruned cells' calibration, package versions, and how to read
+    the cells. A sweep's overrides change what a preset measures, so the counts come from the rows (n,
+    seq_len, batch_size, new_tokens), not from the preset's name. One line per item (one Markdown paragraph)."""
+    ppl = df[df.stage == "ppl"]
+    zs = df[(df.stage == "zeroshot") & (df.task != "average")]
+    sp = df[(df.stage == "speed") & (df.metric == "throughput_tok_s") & (df.get("status", "ok") == "ok")]
+    pruned = df[df.kind != "dense"] if "kind" in df else df
+    counts = {n for n in zs.n.dropna()}
+    examples = (f"{counts.pop():g} examples per task ({zs.task.nunique()} tasks)" if len(counts) == 1 else
+                _each(zs, lambda r: f"{r['task']} {_v(r, 'n')}", ", ", "not run"))
+    windows = _each(ppl, lambda r: f"{r['task']} {_v(r, 'n')} x {_v(r, 'seq_len')}", empty="not run")
+    speed = "not run" if sp.empty else (
+        f"{_each(sp, lambda r: _v(r, 'runtime'), ', ')} generate at batch "
+        f"{', '.join(f'{b:g}' for b in sorted(sp.batch_size.unique()))} with "
+        f"{', '.join(f'{n:g}' for n in sorted(sp.new_tokens.unique()))} new tokens, prompt tokens: "
+        f"{_each(sp, lambda r: _v(r, 'prompt_tokens'), ' / ')}, rounds per point: "
+        f"{_each(sp, lambda r: _v(r, 'n'), ' / ')} (the table: eager, the shortest output)")
+    return "\n".join([
+        f"Sweep: {_each(df, lambda r: _v(r, 'sweep'), ', ')}; "
+        f"eval preset: {_each(df, lambda r: _v(r, 'eval_preset'), ', ')}.",
+        f"Perplexity, windows x tokens per corpus: {windows}.",
+        f"Zero-shot: {examples}.",
+        f"Speed: {speed}.",
+        "Device: " + _each(df, lambda r: f"{_v(r, 'device_name')} ({_v(r, 'device')}), {_v(r, 'dtype')}, "
+                                        f"{_v(r, 'threads')} threads") + ".",
+        f"Calibration of the pruned cells: {_each(pruned, _calibration, empty='no pruned cell')}.",
+        "Versions: " + _each(df, lambda r: ", ".join(f"{k} {_v(r, k)}" for k in VERSIONS)) + ".",
+        "Cells: value ± stderr (over windows, examples or rounds; none for one sample or an average), "
+        "- where not measured; bold: the best pruned value of its column within a model and ratio (lowest "
+        "perplexity and latency, highest accuracy, tokens/s and speedup); speedup: against dense in the same "
+        "interleaved rounds."]) + "\n"
+
+
 def write_tables(results_dir: str | Path) -> list[Path]:
     results_dir = Path(results_dir)
     df = load_records(results_dir)
@@ -143,8 +210,10 @@ def write_tables(results_dir: str | Path) -> list[Path]:
         raise SystemExit(f"no records.jsonl below {results_dir}")
     table = main_table(df)
     out = results_dir / "tables"
-    write_atomic(out / "main.md", to_markdown(table))
-    write_atomic(out / "main.tex", to_latex(table))
+    text = caption(df)
+    write_atomic(out / "main.md", text + "\n" + to_markdown(table))
+    write_atomic(out / "main.tex", "% caption:\n" + "".join(f"% {line}\n" for line in text.splitlines())
+                 + to_latex(table))
     write_atomic(out / "main.csv", table.to_csv(index=False))
     return [out / "main.md", out / "main.tex", out / "main.csv"]
 

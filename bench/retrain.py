@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from bench import BenchError
+from bench.progress import bar
 
 log = logging.getLogger("bench.retrain")
 
@@ -130,7 +131,7 @@ def lora_retrain(model, tokenizer, cfg) -> tuple[torch.nn.Module, dict]:
     torch.manual_seed(int(cfg.seed))
     t0, losses, val_losses, best = time.perf_counter(), [], [], None
     epoch_order = []
-    for step in range(steps):
+    for step in bar(range(steps), desc="lora", unit="step"):
         if len(epoch_order) < batch:
             shuffled = list(range(len(train)))
             rng.shuffle(shuffled)

@@ -43,15 +43,20 @@ from omegaconf import OmegaConf
 
 import bench
 from bench import BenchError
+from bench import plans
 from bench.budget import achieved, resolve_budget
 from bench.data import calibration_ids
 from bench.evals import STAGES
+from bench.evals.cost import cost_notice
 from bench.methods import build_method
 from bench.methods.base import CalibSpec
+from bench.plans import Plan
 from bench.models import count_params, load_model, weight_sums
 from bench.records import (ERROR, PARTIAL, RECORDS, Progress, fingerprint, write_atomic, write_json,
                            write_records)
 from bench.retrain import RETRAIN, retrain
+from bench.surgery import save_pruned
+from bench.schema import validate
 
 log = logging.getLogger("bench.run")
 
@@ -71,12 +76,26 @@ def device_name(device: torch.device) -> str:
 
 
 def provenance(cfg, device: torch.device, dtype: torch.dtype) -> dict:
+    """What every record carries besides its measurement: where and how it ran, the sweep and the eval preset it
+    started from (a sweep's overrides keep the preset's name; the effective windows, examples and batch sizes
+    are in the rows themselves), and the versions of every package that shapes a number (None: not installed)."""
+    from importlib import metadata
+
     import transformers
+
+    def version(dist: str) -> str | None:
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            return None
 
     return {"seed": int(cfg.seed), "device": str(device), "device_name": device_name(device),
             "threads": torch.get_num_threads(), "dtype": str(dtype).removeprefix("torch."),
-            "host": platform.node(), "pid": os.getpid(),
-            "torch": torch.__version__, "transformers": transformers.__version__, "bench": bench.__version__,
+            "host": platform.node(), "pid": os.getpid(), "sweep": cfg.get("sweep_name"),
+            "eval_preset": cfg.eval.get("preset"),
+            "torch": torch.__version__, "transformers": transformers.__version__,
+            "lm_eval": version("lm_eval"), "datasets": version("datasets"), "peft": version("peft"),
+            "torch_pruning": version("torch-pruning"), "bench": bench.__version__,
             "python": platform.python_version()}
 
 
@@ -118,36 +137,38 @@ def base_model(cfg):
     return _BASE[key]
 
 
-def saved_plan(plan_file, method, budget, structure_only: bool = False) -> dict:
-    """A plan.json of an earlier run (`plan_file=`), checked against this cell's method and model. A SliceGPT
-    plan.json keeps only the hashes of its bases, so it serves only callers that need the structure (shape-only
-    runs, the speed benchmark): identity bases, the same shapes."""
+def saved_plan(plan_file, method, budget, structure_only: bool = False) -> Plan:
+    """A plan.json of an earlier run (`plan_file=`), read as its own kind (bench.plans) and checked against this
+    cell's method and model. A SliceGPT plan.json keeps only the hashes of its bases, so it serves only callers
+    that need the structure (shape-only runs, the speed benchmark): identity bases, the same shapes."""
     path = Path(plan_file)
     if not path.is_file():
         raise BenchError(f"plan_file={plan_file}: no such file")
-    plan = json.loads(path.read_text())
-    kind = type(method).__name__.removesuffix("Pruner").lower()
-    if plan.get("kind") != kind:
-        raise BenchError(f"plan_file={plan_file}: a {plan.get('kind')} plan, but method={method.label} needs "
-                         f"a {kind} plan")
-    if kind == "slice":
-        if not structure_only:
-            raise BenchError(f"plan_file={plan_file}: a SliceGPT plan.json holds only the hashes of its bases; "
-                             f"allowed with shape_only=true, else run without plan_file")
-        plan["rotations"] = None
-    if kind == "depth" and plan["n_layers"] != budget.n_blocks:
-        raise BenchError(f"plan_file={plan_file}: made for {plan['n_layers']} blocks, the model has "
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise BenchError(f"plan_file={plan_file}: not valid JSON ({e}); allowed: a plan.json a cell wrote") from e
+    plan = plans.from_json(data)
+    if plan.kind != method.kind:
+        raise BenchError(f"plan_file={plan_file}: a {plan.kind} plan, but method={method.label} needs "
+                         f"a {method.kind} plan")
+    if plan.kind == "slice" and plan.rotations is None and not structure_only:
+        raise BenchError(f"plan_file={plan_file}: a SliceGPT plan.json holds only the hashes of its bases; "
+                         f"allowed with shape_only=true, else run without plan_file")
+    if plan.kind == "depth" and plan.n_layers != budget.n_blocks:
+        raise BenchError(f"plan_file={plan_file}: made for {plan.n_layers} blocks, the model has "
                          f"{budget.n_blocks}")
-    return plan | {"plan_file": str(path)}
+    return plan
 
 
-def prune(cfg, method, model, tokenizer, budget, out: Path, timing: dict) -> dict:
-    """Calibrate, score (cached), plan and apply; writes calib.pt and scores.csv. Returns the plan. With a
-    plan file or in shape-only mode there is nothing to score."""
+def prune(cfg, method, model, tokenizer, budget, out: Path, timing: dict) -> tuple[Plan, dict]:
+    """Calibrate, score (cached), plan and apply; writes calib.pt and scores.csv. Returns the plan and the facts
+    of how it was made, for the records (calibration, its source, whether the scores came from the cache, the
+    plan file). With a plan file or in shape-only mode there is nothing to score."""
     if cfg.get("plan_file") or cfg.get("shape_only"):
         plan = (saved_plan(cfg.plan_file, method, budget, structure_only=bool(cfg.get("shape_only")))
                 if cfg.get("plan_file") else method.plan(None, budget, model))
-        return _apply(method, model, plan, timing)
+        return _apply(method, model, plan, timing), {"plan_file": cfg.get("plan_file"), "calibration": None}
     calib_ids, calib_source, calib = None, None, calib_spec(cfg, method)
     if calib is not None:
         calib_ids, calib_source = calibration_ids(tokenizer, calib.dataset, calib.n_samples, calib.seq_len,
@@ -160,19 +181,19 @@ def prune(cfg, method, model, tokenizer, budget, out: Path, timing: dict) -> dic
     timing["score_s"] = time.perf_counter() - t0
     log.info("scores %s in %.1f s", "from cache" if hit else "computed", timing["score_s"])
     write_atomic(out / "scores.csv", scores_csv(scores))
-    plan = method.plan(scores, budget, model)
-    plan |= {"calibration": cfg.calibration if calib else None, "calib": vars(calib) if calib else None,
-             "calib_source": calib_source, "scores_cached": hit}
-    return _apply(method, model, plan, timing)
+    facts = {"plan_file": None, "calibration": cfg.calibration if calib else None, "scores_cached": hit}
+    if calib:
+        facts |= {f"calib_{k}": v for k, v in vars(calib).items()} | {"calib_source": calib_source}
+    return _apply(method, model, method.plan(scores, budget, model), timing), facts
 
 
-def _apply(method, model, plan: dict, timing: dict) -> dict:
+def _apply(method, model, plan: Plan, timing: dict) -> Plan:
     t0 = time.perf_counter()
     method.apply(model, plan)
     timing["prune_s"] = time.perf_counter() - t0
-    plan["params"] = params = count_params(model)
-    if params != plan["predicted_params"]:
-        raise RuntimeError(f"surgery left {params} params, the plan predicts {plan['predicted_params']}")
+    params = count_params(model)
+    if params != plan.predicted_params:
+        raise RuntimeError(f"surgery left {params} params, the plan predicts {plan.predicted_params}")
     return plan
 
 
@@ -180,7 +201,7 @@ def calib_spec(cfg, method) -> CalibSpec | None:
     """The method's own calibration (its paper's), or with `calibration=shared` the one set every method gets."""
     if cfg.calibration not in ("native", "shared"):
         raise BenchError(f"calibration={cfg.calibration!r}: allowed values are native, shared")
-    if method.calib is None:
+    if not method.needs_calib:
         return None
     return method.calib if cfg.calibration == "native" else CalibSpec(**cfg.shared_calib)
 
@@ -202,6 +223,7 @@ def scores_csv(scores) -> str:
 
 def cell(cfg):
     """(method, ratio, cell directory) of a config, after checking what can be checked without a model."""
+    validate(cfg)
     method = build_method(cfg.method)
     calib_spec(cfg, method)
     unknown = [stage for stage in cfg.eval.stages if stage not in STAGES]
@@ -257,30 +279,42 @@ def _run(cfg, method, ratio: float, out: Path, rows: list[dict]) -> None:
     retrains = cfg.retrain != "none"
     model = copy.deepcopy(base) if method.prunes or retrains else base  # the shared base is never changed
     dense_params = count_params(model)
+    notice = cost_notice(cfg, dense_params, model.device)
+    if notice:  # a full evaluation on a CPU is hours: say so before it starts
+        log.warning("%s", notice)
     budget = resolve_budget(model, ratio) if method.prunes else None
-    if budget:
-        method.check(budget, model)  # before any scoring: an impossible budget fails in a second, not after an hour
+    if budget:  # before any scoring: an unknown layout or an impossible budget fails in a second, not after an hour
+        method.check(budget, model)
     out.mkdir(parents=True, exist_ok=True)
     write_atomic(out / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
 
-    timing = {}
-    plan = prune(cfg, method, model, tokenizer, budget, out, timing) if method.prunes else method.plan(None, None)
+    timing, facts = {}, {}
+    if method.prunes:
+        plan, facts = prune(cfg, method, model, tokenizer, budget, out, timing)
+    else:
+        plan = method.plan(None, None)
     if retrains:
         t0 = time.perf_counter()
         model, summary = retrain(model, tokenizer, cfg)
         timing["retrain_s"] = time.perf_counter() - t0
         write_json(out / "retrain.json", summary)
     params = count_params(model)
-    write_json(out / "plan.json", plan)
+    write_json(out / "plan.json", plan.to_json())
     log.info("%s: %d -> %d params", method.label, dense_params, params)
+    if cfg.get("save_model"):
+        t0 = time.perf_counter()
+        save_pruned(model, tokenizer, plan, out / "model")
+        log.info("%s: saved the pruned model to %s in %.1f s", method.label, out / "model", time.perf_counter() - t0)
 
-    ident = {"model": cfg.model.name, "method": row_label(cfg, method), "kind": plan["kind"], "ratio": ratio,
+    ident = {"model": cfg.model.name, "method": row_label(cfg, method), "kind": plan.kind, "ratio": ratio,
              "retrain": cfg.retrain, "params": params,
              "dense_params": dense_params, "mode": "shape_only" if cfg.get("shape_only") else "weights"}
     if budget:
-        ident |= achieved(budget, params) | {k: plan[k] for k in ("target_params", "budget_matched")}
+        ident |= achieved(budget, params) | {"target_params": plan.target_params,
+                                             "budget_matched": plan.budget_matched}
     else:
         ident |= {"removed_frac_block_params": 0.0, "removed_frac_total_params": 0.0}
+    ident |= facts
     prov = provenance(cfg, model.device, model.dtype) | timing
     dense = (lambda: base) if method.prunes else None  # the speed stage's reference
     model_key = fingerprint(OmegaConf.to_container(cfg.model, resolve=True), cfg.device, cfg.dtype, cfg.seed,

@@ -135,13 +135,15 @@ def layer_shapes(model) -> list[dict]:
     return shapes
 
 
-def apply_width_plan(model, plan: dict):
+def apply_width_plan(model, plan):
     """Apply a width plan in place: per layer, the query / key-value heads and MLP channels to remove, and the
     mean activations of the removed o_proj / down_proj input channels (FLAP's compensation: the removed
     channels' expected contribution, W[:, removed] @ mean_x[removed], moves into a bias).
-    Records the per-layer sizes in config.layer_shapes so `load_pruned` can rebuild the model."""
+    Where every layer ends with the same sizes and no bias was added, the config's own head and channel counts
+    are updated (a stock checkpoint); otherwise the per-layer sizes go into config.layer_shapes, from which
+    `load_pruned` rebuilds the model."""
     layers = decoder_layers(model)
-    for key, spec in plan["layers"].items():
+    for key, spec in plan.layers.items():
         layer = layers[int(key)]
         attn, mlp = layer.self_attn, layer.mlp
         d = attn.head_dim
@@ -156,8 +158,35 @@ def apply_width_plan(model, plan: dict):
             prune_heads(attn, [q for q in range(n_q) if q not in rm_q], [k for k in range(n_kv) if k not in rm_kv])
         if rm_c:
             prune_channels(mlp, [c for c in range(mlp.gate_proj.out_features) if c not in rm_c])
-    model.config.layer_shapes = layer_shapes(model)
+    shapes = layer_shapes(model)
+    sizes = {(s["num_attention_heads"], s["num_key_value_heads"], s["intermediate_size"]) for s in shapes}
+    compensated = any(spec.get("o_bias_mean") is not None or spec.get("down_bias_mean") is not None
+                      for spec in plan.layers.values())
+    stock = None if compensated else _stock_sizes(model.config, sizes, decoder_layers(model)[0].self_attn.head_dim)
+    if stock:  # every layer has the same sizes, no new bias: a stock checkpoint (from_pretrained)
+        for key, value in stock.items():
+            setattr(model.config, key, value)
+    else:
+        model.config.layer_shapes = shapes
     return model
+
+
+def _stock_sizes(config, sizes: set[tuple[int, int, int]], head_dim: int) -> dict | None:
+    """The config keys that describe a width-pruned model, where one set of sizes holds for every layer and the
+    config class accepts them (transformers validates, e.g., hidden_size % num_attention_heads == 0 even with an
+    explicit head_dim); None otherwise: the per-layer sizes then go into layer_shapes."""
+    from huggingface_hub.errors import StrictDataclassError
+
+    if len(sizes) != 1:
+        return None
+    (heads, kv_heads, channels), = sizes
+    keys = {"num_attention_heads": heads, "num_key_value_heads": kv_heads, "intermediate_size": channels,
+            "head_dim": head_dim}
+    try:
+        type(config).from_dict(config.to_dict() | keys)
+    except (ValueError, TypeError, StrictDataclassError):  # the class's own validation: no stock config describes these sizes
+        return None
+    return keys
 
 
 def _compensation(linear: torch.nn.Linear, removed_inputs: torch.Tensor, mean: list[float]) -> torch.Tensor:
@@ -165,18 +194,49 @@ def _compensation(linear: torch.nn.Linear, removed_inputs: torch.Tensor, mean: l
     return w @ torch.tensor(mean, dtype=torch.float32, device=w.device)
 
 
+def save_pruned(model, tokenizer, plan, path) -> Path:
+    """Write a pruned model as a checkpoint directory: safetensors weights, config, tokenizer and the plan.json
+    that made it (`save_model=true` in a cell: <cell dir>/model/). Written beside and renamed into place, so a
+    killed save never leaves a directory that looks complete. `load_pruned` reads every kind back; depth-pruned
+    and uniformly width-pruned models are stock checkpoints (AutoModelForCausalLM.from_pretrained)."""
+    import shutil
+
+    from bench.records import write_json
+
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    write_json(tmp / "plan.json", plan.to_json())
+    shutil.rmtree(path, ignore_errors=True)
+    tmp.rename(path)
+    return path
+
+
 def load_pruned(path, dtype: torch.dtype = torch.float32):
-    """Reload a saved width-pruned model: a stock HF config cannot describe per-layer sizes, so the model is built
-    at the base sizes, reshaped from config.layer_shapes, then the saved weights are loaded."""
+    """Reload a model written by `save_pruned` (or any HF checkpoint), on the CPU in `dtype`:
+
+    - depth-pruned, uniformly width-pruned, LoRA-merged: a stock checkpoint, AutoModelForCausalLM.from_pretrained;
+    - non-uniformly width-pruned (config.layer_shapes: per-layer head and channel counts, FLAP's biases): built
+      at the base sizes, reshaped layer by layer, then the saved weights are loaded;
+    - SliceGPT (config.slicing): built at the base sizes, sliced to the saved widths with identity bases (the
+      same shapes and shortcut matrices as the rotated model), then the saved weights are loaded.
+    """
+    import json
+
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from bench.plans import from_json
+
     config = AutoConfig.from_pretrained(path)
-    shapes = getattr(config, "layer_shapes", None)
-    if shapes is None:
+    shapes, slicing = getattr(config, "layer_shapes", None), getattr(config, "slicing", None)
+    if shapes is None and slicing is None:
         return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    for layer, shape in zip(decoder_layers(model), shapes):
+    for layer, shape in zip(decoder_layers(model), shapes or []):
         attn, mlp = layer.self_attn, layer.mlp
         groups = shape["num_attention_heads"] // shape["num_key_value_heads"]
         keep_kv = list(range(shape["num_key_value_heads"]))
@@ -187,15 +247,18 @@ def load_pruned(path, dtype: torch.dtype = torch.float32):
             add_bias(attn.o_proj, torch.zeros(attn.o_proj.out_features))
         if shape["down_proj_bias"]:
             add_bias(mlp.down_proj, torch.zeros(mlp.down_proj.out_features))
+    if slicing is not None:
+        apply_slice_plan(model, from_json(json.loads((Path(path) / "plan.json").read_text())))
     state = {}
     for f in sorted(Path(path).glob("*.safetensors")):
         state |= load_file(f)
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.endswith("lm_head.weight") or not config.tie_word_embeddings]
     if missing or unexpected:
-        raise RuntimeError(f"pruned checkpoint {path} does not match its layer_shapes: missing {missing[:3]}, "
+        raise RuntimeError(f"pruned checkpoint {path} does not match its config: missing {missing[:3]}, "
                            f"unexpected {unexpected[:3]}")
-    model.tie_weights()
+    if config.tie_word_embeddings:
+        model.tie_weights()
     return model.eval()
 
 
@@ -257,14 +320,14 @@ def _eps(norm) -> float:
 
 
 @torch.no_grad()
-def apply_slice_plan(model, plan: dict):
+def apply_slice_plan(model, plan):
     """Apply a SliceGPT plan in place: fold every RMSNorm scale into the linears after it, rotate each site's
     readers (embedding columns; q/k/v and gate/up inputs; lm_head input) and writers (o_proj and down_proj rows)
     into its basis Q[:, :d], and give each block its shortcut matrices Q_in^T Q_mid and Q_mid^T Q_out. Math in
     fp64, weights back in their dtype. With d = h everywhere the logits are unchanged (an exact rotation). A
     tied lm_head is untied (it reads the last basis, the embedding writes the first). Plans without bases
     (shape-only) use identity bases: the same shapes."""
-    dims, rotations = plan["dims"], plan.get("rotations") or {}
+    dims, rotations = plan.dims, plan.rotations or {}
     layers = decoder_layers(model)
     emb, head = model.get_input_embeddings(), model.get_output_embeddings()
     h, device = emb.embedding_dim, emb.weight.device
@@ -305,5 +368,5 @@ def apply_slice_plan(model, plan: dict):
     _set_linear(head, (head.weight.double() * _norm_scale(model.model.norm)) @ q_in,
                 None if head.bias is None else head.bias.double())
     model.model.norm = ScalelessRMSNorm(h, _eps(model.model.norm))
-    model.config.slicing = {"hidden": plan.get("hidden"), "dims": dims}
+    model.config.slicing = {"hidden": plan.hidden, "dims": dims}
     return model

@@ -1,24 +1,54 @@
-"""Sweep bookkeeping: each job's status, and the summary at the end of a multirun.
+"""Sweep bookkeeping: the number of jobs, each job's status, and the summary at the end of a multirun.
 
-Every job of a multirun writes `status.json` (ran | skipped | failed, the cell, the error) into its Hydra job
-directory; `SweepSummary` (a Hydra callback, conf/config.yaml) reads them all when the multirun ends, with any
-launcher (in-process, submitit local or SLURM: the jobs' directories are on a shared filesystem), logs the counts
-and the failures and writes `summary.json` into the sweep directory.
+When a multirun starts, `SweepSummary` (a Hydra callback, conf/config.yaml) counts its jobs from the sweep's
+overrides and writes `jobs.json` into the sweep directory, so that every job, in whatever process the launcher
+runs it, can log which cell it is (`cell 3/16: smollm2-135m depth_taylor+ r0.2`, `cell_tag`). Every job writes
+`status.json` (ran | skipped | failed, the cell, the error) into its Hydra job directory; `SweepSummary` reads
+them all when the multirun ends, with any launcher (in-process, submitit local or SLURM: the jobs' directories are
+on a shared filesystem), logs the counts and the failures and writes `summary.json` into the sweep directory.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 from collections import Counter
 from pathlib import Path
 
 from hydra.experimental.callback import Callback
+from omegaconf import OmegaConf
 
 from bench.records import write_json
 
 log = logging.getLogger("bench.sweep")
 STATUS = "status.json"
+JOBS = "jobs.json"
+
+
+def count_jobs(overrides: list[str]) -> int:
+    """How many jobs Hydra's basic sweeper makes of `overrides` (the sweep config's params, then the command
+    line's): per key the number of values of a sweep (`a=1,2`, `range(...)`) or 1, the last override of a key
+    winning as in the sweeper; the jobs are their product. Parsed with Hydra's own override parser."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    values = {}
+    for override in OverridesParser.create().parse_overrides(overrides):
+        values[override.get_key_element()] = (len(list(override.sweep_string_iterator()))
+                                              if override.is_sweep_override() else 1)
+    return math.prod(values.values())
+
+
+def cell_tag(hc) -> str:
+    """"cell 3/16" for job 3 of a 16-job multirun (the 1-based job number; the total from the sweep's jobs.json),
+    "cell 3" when there is no jobs.json, "cell" in a single run. `hc`: the job's HydraConfig."""
+    from hydra.types import RunMode
+
+    if hc.mode != RunMode.MULTIRUN:
+        return "cell"
+    path = Path(hc.sweep.dir) / JOBS
+    total = json.loads(path.read_text())["jobs"] if path.exists() else None
+    return f"cell {hc.job.num + 1}" + (f"/{total}" if total else "")
 
 
 def write_status(job_dir: str | Path, status: dict) -> None:
@@ -34,6 +64,22 @@ def summarize(sweep_dir: str | Path) -> dict:
 
 
 class SweepSummary(Callback):
+    def on_multirun_start(self, config, **kwargs) -> None:
+        """Write the number of jobs into <sweep dir>/jobs.json (the basic sweeper only: other sweepers choose
+        their jobs as they go, and their cells are logged unnumbered)."""
+        sweeper = config.hydra.sweeper
+        if not str(sweeper.get("_target_", "")).endswith(".BasicSweeper"):
+            return
+        params = OmegaConf.to_container(sweeper.params, resolve=False) if sweeper.get("params") else {}
+        overrides = [f"{k}={v}" for k, v in params.items()] + list(config.hydra.overrides.task)
+        try:
+            jobs = count_jobs(overrides)
+        except Exception as e:  # noqa: BLE001 (e.g. a glob sweep, which needs the config groups): no total
+            log.warning("could not count the sweep's jobs (%s: %s); cells are logged without the total",
+                        type(e).__name__, e)
+            return
+        write_json(Path(config.hydra.sweep.dir) / JOBS, {"jobs": jobs, "overrides": overrides})
+
     def on_multirun_end(self, config, **kwargs) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
         summary = summarize(sweep_dir)

@@ -12,8 +12,8 @@ from bench import BenchError
 from bench.budget import resolve_budget
 from bench.data import calibration_ids
 from bench.methods import build_method
-from bench.methods.depth import (DepthPruner, angular_distances, block_influence_scores, magnitude_scores,
-                                 ppl_scores, ppl_scores_reference, sleb_order, taylor_scores)
+from bench.methods.depth import (SLEB, Angular, DepthMagnitude, angular_distances, block_influence_scores,
+                                 magnitude_scores, ppl_scores, ppl_scores_reference, sleb_order, taylor_scores)
 from bench.models import count_params
 from bench.surgery import blocks_view, remove_blocks
 
@@ -115,22 +115,22 @@ def test_keep_set_respected(tiny):
     model, _, _ = tiny
     budget = resolve_budget(model, 0.5)  # 6 of 12 blocks
     scores = [float(b) for b in range(12)]  # block 0 least important ... block 11 most
-    plus = DepthPruner(name="depth_x", criterion="magnitude")
+    plus = DepthMagnitude(name="depth_x")
     with pytest.raises(BenchError, match="removes 6 of 12 blocks, but only 6 may be removed"):
         plus.check(budget)  # every prunable block: refused
     budget = resolve_budget(model, 0.25)  # 3 blocks
-    assert plus.plan(scores, budget)["remove"] == [4, 5, 6]
-    raw = DepthPruner(name="depth_x", criterion="magnitude", keep_first=0, keep_last=0)
-    assert raw.plan(scores, budget)["remove"] == [0, 1, 2]
+    assert plus.plan(scores, budget).remove == [4, 5, 6]
+    raw = DepthMagnitude(name="depth_x", keep_first=0, keep_last=0)
+    assert raw.plan(scores, budget).remove == [0, 1, 2]
     assert plus.label == "depth_x+" and raw.label == "depth_x"
 
 
 def test_build_method_rejects_unknown_parameter(cfg_for):
     cfg = cfg_for("method=depth_ppl", "+method.n_blockz=3")
-    with pytest.raises(BenchError, match="method.n_blockz: not a parameter of depth"):
+    with pytest.raises(BenchError, match="method.n_blockz: not a parameter of depth_ppl"):
         build_method(cfg.method)
-    with pytest.raises(BenchError, match="criterion='fisher': allowed values are ppl, taylor, magnitude"):
-        build_method(cfg_for("method=depth_ppl", "method.criterion=fisher").method)
+    with pytest.raises(BenchError, match="method.impl='depth_fisher': allowed values are angular, block_influence"):
+        build_method(cfg_for("method=depth_ppl", "method.impl=depth_fisher").method)
 
 
 def _hidden(model, ids):
@@ -162,12 +162,12 @@ def test_angular_distance_equals_direct_computation(tiny, ids, n):
 
 def test_angular_plan_removes_the_closest_contiguous_run(tiny, ids):
     model, _, _ = tiny
-    m = DepthPruner(name="angular", criterion="angular", keep_first=0, keep_last=0)
+    m = Angular(name="angular", keep_first=0, keep_last=0)
     budget = resolve_budget(model, 0.25)  # 3 of 12 blocks
     scores = m.score(model, ids, budget)
     plan = m.plan(scores, budget, model)
     start = min(range(len(scores)), key=lambda s: (scores[s], s))
-    assert plan["remove"] == [start, start + 1, start + 2]
+    assert plan.remove == [start, start + 1, start + 2]
 
 
 def test_sleb_removes_one_block_at_a_time_by_loss(tiny, ids):
@@ -180,10 +180,10 @@ def test_sleb_removes_one_block_at_a_time_by_loss(tiny, ids):
     with blocks_view(model, rest):
         second = dict(zip(rest, ppl_scores_reference(model, ids, rebuild=False)))
     assert steps[1]["block"] == min(rest[1:-1], key=lambda b: (second[b], b))
-    m = DepthPruner(name="sleb", criterion="sleb", keep_first=0, keep_last=0)
+    m = SLEB(name="sleb", keep_first=0, keep_last=0)
     budget = resolve_budget(model, 0.2)  # 2 blocks
     plan = m.plan(m.score(model, ids, budget), budget, model)
-    assert plan["order"][:2] == [s["block"] for s in steps]  # the removal order, one block per step
+    assert plan.order[:2] == [s["block"] for s in steps]  # the removal order, one block per step
 
 
 @pytest.mark.parametrize("method", ["block_influence", "angular", "sleb"])
@@ -194,7 +194,7 @@ def test_new_depth_methods_plan_apply_generate(tiny, ids, cfg_for, method):
     budget = resolve_budget(model, 0.25)
     plan = m.plan(m.score(model, ids, budget), budget, model)
     m.apply(model, plan)
-    assert count_params(model) == plan["predicted_params"] == budget.target_params
+    assert count_params(model) == plan.predicted_params == budget.target_params
     with torch.no_grad():
         assert torch.isfinite(model(ids, use_cache=False).logits).all()
         out = model.generate(ids[:1, :8], max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0)

@@ -60,8 +60,8 @@ def test_query_head_pruning_runs_on_a_single_kv_head(gemma, cfg_for, ids, method
     m.check(budget, model)
     plan = m.plan(m.score(model, ids, budget), budget, model)
     m.apply(model, plan)
-    assert count_params(model) == plan["predicted_params"] and plan["budget_matched"]
-    assert plan["head_mode"] == "q_heads"  # auto: a single key/value head leaves only query heads to remove
+    assert count_params(model) == plan.predicted_params and plan.budget_matched
+    assert plan.head_mode == "q_heads"  # auto: a single key/value head leaves only query heads to remove
     assert all(layer.self_attn.k_proj.out_features == 16 for layer in model.model.layers)  # the KV head stays
     with torch.no_grad():
         assert torch.isfinite(model(ids, use_cache=False).logits).all()

@@ -56,7 +56,7 @@ def test_main_table_golden(tmp_path):
     assert list(table["WikiText2"]) == [10.0, 20.0, 30.0] and list(table["PTB (BOS)"]) == [13.0, 23.0, 33.0]
     for col in ("BoolQ", "PIQA", "HellaSwag", "WinoGrande", "ARC-e", "ARC-c", "OBQA", "Avg"):
         assert list(table[col]) == pytest.approx([75.0, 60.0, 50.0]), col  # the paper metric, x100
-    header = md.read_text().splitlines()[0]
+    header = next(line for line in md.read_text().splitlines() if line.startswith("| model"))  # after the caption
     assert [h.strip() for h in header.strip("|").split("|")] == [
         "model", "method", "ratio", "params", "removed %", "WikiText2", "PTB", "WikiText2 (BOS)", "PTB (BOS)",
         "BoolQ", "PIQA", "HellaSwag", "WinoGrande", "ARC-e", "ARC-c", "OBQA", "Avg", "tok/s bs1", "speedup bs1",
@@ -71,7 +71,8 @@ def test_main_table_golden(tmp_path):
     depth = next(line for line in md.read_text().splitlines() if "| depth_ppl+ " in line)
     assert "**20.00 ± 0.50**" in depth and "**60.00 ± 1.00**" in depth and "| dense" not in depth
     latex = tex.read_text()
-    assert latex.startswith("\\begin{tabular}{lllrr") and "\\toprule" in latex and "\\bottomrule" in latex
+    assert latex.startswith("% caption:\n") and "\n\\begin{tabular}{lllrr" in latex  # the caption, then the table
+    assert "\\toprule" in latex and "\\bottomrule" in latex
     assert "depth\\_ppl+ & 0.2 & 800 & 20.0 & \\textbf{20.00}" in latex
 
 
@@ -96,3 +97,103 @@ def test_no_accuracy_vs_speedup_without_speed_records(tmp_path):
 def test_pareto_front():
     # (speedup, accuracy): the dense point, a dominated one, and two on the front
     assert pareto_front([(1.0, 0.75), (1.2, 0.5), (1.3, 0.6), (1.5, 0.55)]) == [0, 2, 3]
+
+
+# --- caption, cost notice, provenance ----------------------------------------------------------------------------
+
+PROVENANCE = {"sweep": "s1", "eval_preset": "quick", "device": "cpu", "device_name": "CPU X", "dtype": "float32",
+              "threads": 2, "torch": "2.13.0", "transformers": "5.24.0", "lm_eval": "0.4.13", "datasets": "5.2.0",
+              "peft": "0.21.2", "torch_pruning": "1.6.1"}
+NOT_RECORDED = "not recorded"
+CALIBRATION = {"calibration": "shared", "calib_dataset": "bookcorpus", "calib_n_samples": 10, "calib_seq_len": 128,
+               "calib_seed": 1234, "calib_source": "local:calibration/novel.txt"}
+
+
+def test_caption_names_what_was_measured(tmp_path):
+    from bench.records import load_records
+    from bench.report import caption
+
+    for name, records in (("a", rows("flap", "width", 0.2, 800, 30.0, 0.5)),
+                          ("b", rows("dense", "dense", 0.0, 1000, 10.0, 0.75))):
+        extra = PROVENANCE | (CALIBRATION if name == "a" else {})
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "records.jsonl").write_text(
+            "".join(json.dumps(r | extra | {"seq_len": 128, "prompt_tokens": 11}) + "\n" for r in records))
+    text = caption(load_records(tmp_path))
+    for part in ("Sweep: s1", "eval preset: quick", "wikitext2 10 x 128; ptb 10 x 128",
+                 "2 examples per task (7 tasks)", "batch 1, 4 with 32, 128 new tokens", "prompt tokens: 11",
+                 "rounds per point: 1", "eager, compiled", "CPU X (cpu), float32, 2 threads",
+                 "shared, bookcorpus 10 x 128 tokens, seed 1234 (local:calibration/novel.txt)",
+                 "torch 2.13.0, transformers 5.24.0, lm_eval 0.4.13, datasets 5.2.0, peft 0.21.2, "
+                 "torch_pruning 1.6.1",
+                 "value ± stderr", "bold"):
+        assert part in text, part
+    assert NOT_RECORDED not in text
+    md, tex, _ = write_tables(tmp_path)
+    assert md.read_text().startswith(text + "\n| model")  # the caption paragraph, a blank line, the table
+    assert "".join(f"% {line}\n" for line in text.splitlines()) in tex.read_text()
+
+
+def test_caption_missing_fields_and_differing_cells(tmp_path):
+    from bench.records import load_records
+    from bench.report import caption
+
+    write_golden(tmp_path)  # records without provenance, calibration or seq_len (older records)
+    text = caption(load_records(tmp_path))
+    assert "Sweep: not recorded; eval preset: not recorded." in text
+    assert "Calibration of the pruned cells: not recorded." in text
+    assert "lm_eval not recorded" in text and "torch_pruning not recorded" in text
+    assert "wikitext2 10 x not recorded" in text
+    # cells that disagree list every variant
+    extra = tmp_path / "d"
+    extra.mkdir()
+    extra.joinpath("records.jsonl").write_text("".join(json.dumps(r | {"n": 512} if r["stage"] == "ppl" else r) + "\n"
+                                                       for r in rows("wanda_sp", "width", 0.2, 800, 40, 0.4)))
+    assert "wikitext2 10 x not recorded; ptb 10 x not recorded; wikitext2 512 x" in caption(load_records(tmp_path))
+    paper = [r for r in rows("dense", "dense", 0.0, 1000, 10.0, 0.75) if r["stage"] == "zeroshot" and r["paper_metric"]]
+    zeroshot_only = pd.DataFrame([r | {"n": n} for r, n in zip(paper, [3270, 1838, 10042, 1267, 2376, 1172, 500, 7])])
+    text = caption(zeroshot_only)
+    assert "Zero-shot: boolq 3270, piqa 1838, hellaswag 10042" in text and "average 7" not in text
+    assert "Perplexity, windows x tokens per corpus: not run." in text and "Speed: not run." in text
+    assert "Calibration of the pruned cells: no pruned cell." in text
+
+
+def test_cost_notice_full_on_cpu_only():
+    import torch
+
+    from bench.config import compose
+    from bench.evals.cost import REF_PARAMS, cost_notice, stage_seconds
+
+    full = compose(["model=smollm2-135m", "method=depth_ppl", "eval=full"])
+    line = cost_notice(full, REF_PARAMS, torch.device("cpu"))
+    assert line.startswith("eval=full on cpu: every perplexity window, every zero-shot example and the speed grid")
+    assert "about" in line and "hours for smollm2-135m (perplexity" in line and "zero-shot" in line
+    assert line.endswith("; eval=quick for a smoke run")
+    # the basis: a full zero-shot pass of the 134.5M model on 2 threads took about 3.5 hours (README)
+    assert 3.0 < stage_seconds(full, REF_PARAMS, 2)["zero-shot"] / 3600 < 4.0
+    assert stage_seconds(full, REF_PARAMS // 2, 2)["perplexity"] == pytest.approx(
+        stage_seconds(full, REF_PARAMS, 2)["perplexity"] / 2, rel=1e-6)  # linear in the parameter count
+    assert cost_notice(full, torch.nn.Linear(8, 8), "cpu").startswith("eval=full on cpu")  # a model works too
+    assert cost_notice(full, REF_PARAMS, "cuda") is None
+    for overrides in (["eval=quick"], ["+sweep=showcase"]):  # subsampled: 8 / 512 windows, 5 / 200 examples
+        assert cost_notice(compose(["method=depth_ppl", *overrides]), REF_PARAMS, "cpu") is None
+    only_zeroshot = cost_notice(compose(["+sweep=zeroshot_full", "method=flap"]), REF_PARAMS, "cpu")
+    assert only_zeroshot.startswith("eval=full on cpu: every zero-shot example, about")
+
+
+def test_provenance_carries_versions_sweep_and_preset():
+    from importlib.metadata import version
+
+    import torch
+
+    from bench.config import compose
+    from bench.runner import provenance
+
+    prov = provenance(compose(["eval=quick", "sweep_name=mysweep"]), torch.device("cpu"), torch.float32)
+    assert prov["sweep"] == "mysweep" and prov["eval_preset"] == "quick"
+    assert prov["device"] == "cpu" and prov["dtype"] == "float32"
+    for key, dist in (("lm_eval", "lm_eval"), ("datasets", "datasets"), ("peft", "peft"),
+                      ("torch_pruning", "torch-pruning"), ("transformers", "transformers")):
+        assert prov[key] == version(dist), key
+    assert prov["torch"] == torch.__version__
+    assert provenance(compose(["eval=full"]), torch.device("cpu"), torch.float32)["eval_preset"] == "full"

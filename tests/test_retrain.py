@@ -49,7 +49,7 @@ def test_lora_cell(cfg_for):
     assert out.parent.name == "depth_magnitude++lora"
     rows = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
     plan = json.loads((out / "plan.json").read_text())
-    assert {r["retrain"] for r in rows} == {"lora"} and {r["params"] for r in rows} == {plan["params"]}
+    assert {r["retrain"] for r in rows} == {"lora"} and {r["params"] for r in rows} == {plan["predicted_params"]}
     assert json.loads((out / "retrain.json").read_text())["steps"] == 12
     with pytest.raises(BenchError, match="retrain='qlora'"):
         run_cell(cfg_for("model=tiny-llama-gqa", "retrain=qlora"))

@@ -40,7 +40,8 @@ def test_cli_runs_a_cell_and_skips_it_on_rerun(tmp_path, data_root):
                 "removed_frac_total_params"):
         assert key in rows[0]
     plan = json.loads((cell / "plan.json").read_text())
-    assert len(plan["remove"]) == 3 and plan["params"] == rows[0]["params"] == plan["predicted_params"]
+    assert len(plan["remove"]) == 3 and rows[0]["params"] == plan["predicted_params"]
+    assert "params" not in plan and rows[0]["calibration"] == "native" and rows[0]["scores_cached"] is False
     scores = pd.read_csv(cell / "scores.csv")
     assert list(scores.columns) == ["block", "score"] and len(scores) == 12
     calib = torch.load(cell / "calib.pt")
@@ -59,7 +60,7 @@ def test_scores_cached_across_ratios(cfg_for, monkeypatch):
     first = run_cell(cfg_for(*common, "ratio=0.2"))
     second = run_cell(cfg_for(*common, "ratio=0.35"))
     assert len(calls) == 1
-    assert json.loads((second / "plan.json").read_text())["scores_cached"] is True
+    assert json.loads((second / "records.jsonl").read_text().splitlines()[0])["scores_cached"] is True
     assert (first / "scores.csv").read_text() == (second / "scores.csv").read_text()
 
 
@@ -104,11 +105,12 @@ def test_width_cell_records_budget_match(cfg_for):
     out = run_cell(cfg_for("model=tiny-llama-gqa", "method=flap", "ratio=0.2", "eval.ppl.max_windows=1",
                            "method.calib.n_samples=8"))
     plan = json.loads((out / "plan.json").read_text())
-    assert plan["kind"] == "width" and plan["calibration"] == "native"
-    assert plan["calib"] == {"dataset": "wikitext2", "n_samples": 8, "seq_len": 128, "seed": 0}
-    assert plan["calib_source"].endswith("(stand-in for wikitext2)")
     rows = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
-    assert rows[0]["params"] == plan["params"] == plan["predicted_params"]
+    assert plan["kind"] == "width" and rows[0]["calibration"] == "native"
+    assert {k: rows[0][f"calib_{k}"] for k in ("dataset", "n_samples", "seq_len", "seed")} == {
+        "dataset": "wikitext2", "n_samples": 8, "seq_len": 128, "seed": 0}
+    assert rows[0]["calib_source"].endswith("(stand-in for wikitext2)")
+    assert rows[0]["params"] == plan["predicted_params"]
     assert rows[0]["target_params"] == plan["target_params"] and rows[0]["budget_matched"] is True
     scores = pd.read_csv(out / "scores.csv")
     assert list(scores.columns) == ["layer", "unit", "index", "score"] and set(scores.unit) == {"q", "kv", "channel"}
@@ -117,8 +119,8 @@ def test_width_cell_records_budget_match(cfg_for):
 def test_shared_calibration_switch(cfg_for):
     out = run_cell(cfg_for("model=tiny-llama-gqa", "method=llm_pruner", "ratio=0.2", "eval.ppl.max_windows=1",
                            "calibration=shared", "shared_calib.n_samples=4"))
-    plan = json.loads((out / "plan.json").read_text())
-    assert plan["calibration"] == "shared" and plan["calib"]["n_samples"] == 4
+    row = json.loads((out / "records.jsonl").read_text().splitlines()[0])
+    assert row["calibration"] == "shared" and row["calib_n_samples"] == 4
     assert torch.load(out / "calib.pt").shape == (4, 128)
 
 

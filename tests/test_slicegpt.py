@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from types import SimpleNamespace
 import json
 
 import pytest
@@ -45,7 +46,7 @@ def test_rotation_without_slicing_keeps_logits(tiny, data_root, ids):
     dims = slice_dims(model, h)
     rotations = pca_rotations(model, calib(tok, data_root), dims)["rotations"]
     assert all(not torch.allclose(q, torch.eye(h)) for q in rotations.values())  # real rotations, not identities
-    rotated = apply_slice_plan(copy.deepcopy(model), {"dims": dims, "rotations": rotations})
+    rotated = apply_slice_plan(copy.deepcopy(model), SimpleNamespace(dims=dims, rotations=rotations, hidden=None))
     with torch.no_grad():
         before, after = model(ids).logits, rotated(ids).logits
     assert (before - after).abs().max().item() < 1e-4
@@ -60,14 +61,14 @@ def test_slicegpt_plan_apply_generate(tiny, data_root, ids, ratio):
     method.check(budget, model)
     cal = calib(tok, data_root)
     plan = method.plan(method.score(model, cal, budget), budget, model)
-    h, d = model.config.hidden_size, plan["hidden"]
-    assert d < h and plan["dims"][f"out{len(model.model.layers) - 1}"] == h
+    h, d = model.config.hidden_size, plan.hidden
+    assert d < h and plan.dims[f"out{len(model.model.layers) - 1}"] == h
     # d is the width whose exact count is nearest the budget
     gaps = {w: abs(sliced_param_count(model, slice_dims(model, w)) - budget.target_params) for w in range(1, h + 1)}
     assert gaps[d] == min(gaps.values())
-    expected = projected_logits(model, ids, plan["rotations"])
+    expected = projected_logits(model, ids, plan.rotations)
     pruned = apply_slice_plan(copy.deepcopy(model), plan)
-    assert count_params(pruned) == plan["predicted_params"]
+    assert count_params(pruned) == plan.predicted_params
     assert pruned.model.layers[3].self_attn.q_proj.in_features == d
     with torch.no_grad():
         logits = pruned(ids).logits
@@ -89,10 +90,10 @@ def test_nominal_sparsity_and_plan_json(tiny, tmp_path):
     budget = resolve_budget(model, 0.2)
     plan = method.plan(None, budget, model)  # shape-only: identity bases
     h = model.config.hidden_size
-    assert plan["hidden"] == int(0.75 * h) // 8 * 8 and plan["hidden"] < h  # the original's nominal rule
-    assert plan["predicted_params"] == sliced_param_count(model, plan["dims"])
-    plan["rotations"] = {"embed": torch.eye(4)}
-    write_json(tmp_path / "plan.json", plan)
+    assert plan.hidden == int(0.75 * h) // 8 * 8 and plan.hidden < h  # the original's nominal rule
+    assert plan.predicted_params == sliced_param_count(model, plan.dims)
+    plan.rotations = {"embed": torch.eye(4)}
+    write_json(tmp_path / "plan.json", plan.to_json())
     saved = json.loads((tmp_path / "plan.json").read_text())["rotations"]["embed"]
     assert saved["tensor"] == [4, 4] and len(saved["sha256"]) == 64
 
@@ -111,7 +112,7 @@ def test_slicegpt_cell_scores_cached(cfg_for):
     out = run_cell(cfg_for(*overrides))
     plan = json.loads((out / "plan.json").read_text())
     rows = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
-    assert rows and {r["params"] for r in rows} == {plan["params"]} and plan["kind"] == "slice"
+    assert rows and {r["params"] for r in rows} == {plan["predicted_params"]} and plan["kind"] == "slice"
     assert (out / "scores.csv").read_text().startswith("site,index,eigenvalue")
     cached = list((out.parents[3] / "cache" / "scores").rglob("*.pt"))
     assert len(cached) == 1

@@ -79,9 +79,9 @@ def test_shape_only_llama7b_depth(method, ratio, expected):
     assert count_params(model) == 6_738_415_616
     m = build_method(cfg.method)
     plan = m.plan(None, resolve_budget(model, ratio), model)
-    assert plan["criterion"] is None and len(plan["remove"]) == round(ratio * 32 + 1e-9)
+    assert plan.criterion is None and len(plan.remove) == round(ratio * 32 + 1e-9)
     m.apply(model, plan)
-    assert count_params(model) == expected == plan["predicted_params"]
+    assert count_params(model) == expected == plan.predicted_params
 
 
 @pytest.mark.parametrize("ratio", [0.2, 0.35])
@@ -91,17 +91,17 @@ def test_shape_only_llama7b_uniform_width(ratio):
     budget = resolve_budget(model, ratio)
     m = build_method(cfg.method)
     plan = m.plan(None, budget, model)
-    layers = plan["layers"]
+    layers = plan.layers
     assert sorted(map(int, layers)) == list(range(4, 30))  # LLM-Pruner's blocks 4..29
     first = layers["4"]
     assert all(spec == first for spec in layers.values())  # uniform
     assert first["remove_channels"] == list(range(len(first["remove_channels"])))  # by index: no data
     m.apply(model, plan)
     layer = model.model.layers[4]
-    kept_heads = 32 - plan["uniform"]["head_units"]
+    kept_heads = 32 - plan.uniform["head_units"]
     assert layer.self_attn.q_proj.out_features == kept_heads * 128 == layer.self_attn.k_proj.out_features
-    assert layer.mlp.gate_proj.out_features == 11008 - plan["uniform"]["channels"]
-    assert count_params(model) == plan["predicted_params"]
+    assert layer.mlp.gate_proj.out_features == 11008 - plan.uniform["channels"]
+    assert count_params(model) == plan.predicted_params
     assert abs(count_params(model) - budget.target_params) <= 0.005 * budget.dense_params
 
 
@@ -109,11 +109,11 @@ def test_shape_only_cell_and_plan_file(cfg_for):
     common = ("model=tiny-llama-gqa", "ratio=0.25", *QUICK[:1], "eval.speed.batch_sizes=[1]",
               "eval.speed.new_tokens=[3]", "eval.speed.repeats=1", "eval.speed.warmup=0", "eval.speed.min_time_s=0")
     real = run_cell(cfg_for("method=flap", *common, "calibration=shared"))
-    real_plan = json.loads((real / "plan.json").read_text())
+    real_params = records(real)[0]["params"]
     shaped = run_cell(cfg_for("method=flap", *common, "shape_only=true", f"plan_file={real / 'plan.json'}",
                               "sweep_name=shape", "out_dir=${cache_dir}/shape"))
     rows = records(shaped)
-    assert rows[0]["mode"] == "shape_only" and rows[0]["params"] == real_plan["params"]
+    assert rows[0]["mode"] == "shape_only" and rows[0]["params"] == real_params
     structural = run_cell(cfg_for("method=wanda_sp", *common, "shape_only=true", "out_dir=${cache_dir}/shape2"))
     assert json.loads((structural / "plan.json").read_text())["criterion"] is None
     with pytest.raises(BenchError, match="eval.stages: 'ppl' needs real weights.*allowed values with shape_only are "

@@ -115,15 +115,16 @@ def test_example_user_method_runs_through_a_sweep(tmp_path, data_root):
     assert run.returncode == 0, run.stderr
     assert cells(out) == ["tiny-llama/depth_magnitude+/r0.25", "tiny-llama/depth_random/r0.25"]
     plan = json.loads((out / "tiny-llama/depth_random/r0.25/plan.json").read_text())
-    assert len(plan["remove"]) == 3 and all(4 <= b < 10 for b in plan["remove"]) and plan["seed"] == 0
+    assert len(plan["remove"]) == 3 and all(4 <= b < 10 for b in plan["remove"]) and plan["extra"]["seed"] == 0
     rows = [json.loads(line) for line in (out / "tiny-llama/depth_random/r0.25/records.jsonl").read_text().splitlines()]
-    assert rows[0]["params"] == json.loads((out / "tiny-llama/depth_magnitude+/r0.25/plan.json").read_text())["params"]
+    assert rows[0]["params"] == json.loads((out / "tiny-llama/depth_magnitude+/r0.25/plan.json").read_text())[
+        "predicted_params"]
 
 
 def test_method_impl_errors_are_one_line():
     from bench.methods import build_method
 
-    with pytest.raises(BenchError, match="method.impl='nope': allowed values are dense, depth, width, slicegpt or "
+    with pytest.raises(BenchError, match="method.impl='nope': allowed values are angular, block_influence, dense, .* or "
                                          "module:Class"):
         build_method({"impl": "nope"})
     with pytest.raises(BenchError, match="cannot import Nope from bench.methods.random_blocks"):

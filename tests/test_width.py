@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -12,18 +13,19 @@ from bench.budget import resolve_budget
 from bench.config import compose
 from bench.data import calibration_ids
 from bench.methods import build_method
-from bench.methods.width import WidthPruner, layer_geometry
+from bench.methods.base import METHODS
+from bench.methods.width import FLAP, LLMPruner, MagnitudeWidth, layer_geometry
 from bench.models import build_from_config, count_params, hf_config
 from bench.surgery import apply_width_plan, load_pruned, prune_heads
 
-METHODS = ["llm_pruner", "wanda_sp", "flap", "magnitude_width"]
+WIDTH = ["llm_pruner", "wanda_sp", "flap", "magnitude_width"]
 
 
 def zeroed_reference(model, plan):
     """The unpruned model with the plan's units zeroed: o_proj columns of removed query heads and down_proj
     columns of removed channels set to 0, plus FLAP's compensation bias."""
     ref = copy.deepcopy(model)
-    for key, spec in plan["layers"].items():
+    for key, spec in plan.layers.items():
         layer = ref.model.layers[int(key)]
         o, down, d = layer.self_attn.o_proj, layer.mlp.down_proj, layer.self_attn.head_dim
         cols = [h * d + j for h in spec["remove_q"] for j in range(d)]
@@ -43,22 +45,22 @@ def prune(model, tok, cfg_for, data_root, method, ratio=0.25, **overrides):
     budget = resolve_budget(model, ratio)
     m.check(budget, model)
     calib = None
-    if m.calib is not None:
+    if m.needs_calib:
         calib, _ = calibration_ids(tok, "bookcorpus", 6, 32, 0, data_root)
     scores = m.score(model, calib, budget)
     return m, budget, m.plan(scores, budget, model)
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", WIDTH)
 def test_pruned_equals_zeroed(tiny, cfg_for, data_root, ids, method):
     model, tok, _ = tiny
     m, budget, plan = prune(model, tok, cfg_for, data_root, method)
-    assert plan["layers"], "the plan removes nothing"
+    assert plan.layers, "the plan removes nothing"
     ref = zeroed_reference(model, plan)
     m.apply(model, plan)
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, ref(ids).logits, atol=1e-4, rtol=0)
-    assert count_params(model) == plan["predicted_params"]
+    assert count_params(model) == plan.predicted_params
     kw = dict(max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=0)
     with torch.no_grad():
         assert torch.equal(model.generate(ids, use_cache=True, **kw), model.generate(ids, use_cache=False, **kw))
@@ -70,7 +72,7 @@ def test_pruned_equals_zeroed(tiny, cfg_for, data_root, ids, method):
 def test_llm_pruner_keeps_protected_blocks(tiny, cfg_for, data_root):
     model, tok, _ = tiny
     _, _, plan = prune(model, tok, cfg_for, data_root, "llm_pruner")
-    assert set(plan["layers"]) <= {str(i) for i in range(4, 10)}
+    assert set(plan.layers) <= {str(i) for i in range(4, 10)}
 
 
 def test_q_heads_mode_prunes_evenly_within_groups(cfg_for, data_root, ids):
@@ -81,7 +83,7 @@ def test_q_heads_mode_prunes_evenly_within_groups(cfg_for, data_root, ids):
     m, _, plan = prune(model, tok, cfg_for, data_root, "llm_pruner", head_mode="q_heads")
     ref = zeroed_reference(model, plan)
     m.apply(model, plan)
-    for key, spec in plan["layers"].items():
+    for key, spec in plan.layers.items():
         per_group = [q // 3 for q in spec["remove_q"]].count
         assert spec["remove_kv"] == [] and per_group(0) == per_group(1) >= 1
         attn = model.model.layers[int(key)].self_attn
@@ -108,25 +110,25 @@ def meta(name):
 def test_llama7b_uniform_quarter_from_config():
     """LLM-Pruner's README setting: ratio 0.25 on heads and channels of blocks 4-29 -> 5,422,977,024 params."""
     model = meta("llama-7b")
-    m = WidthPruner(name="llm_pruner", criterion="llm_pruner", keep_first=4, keep_last=2)
+    m = LLMPruner(name="llm_pruner", keep_first=4, keep_last=2)
     geo = [layer_geometry(layer) for layer in model.model.layers]
     counts = m.uniform_counts(geo, 0.25)
     assert set(counts) == set(range(4, 30)) and counts[4] == (8, 2752)
     zeros = {k: [[0.0] * n for n in sizes] for k, sizes in
              (("q", [32] * 32), ("kv", [32] * 32), ("channel", [11008] * 32))}
     layers = {str(i): m._select_layer(i, geo[i], zeros, c) for i, c in counts.items()}
-    apply_width_plan(model, {"layers": layers})
+    apply_width_plan(model, SimpleNamespace(layers=layers))
     assert count_params(model) == 5_422_977_024
 
 
 @pytest.mark.parametrize("name", ["llama-7b", "llama3-8b", "smollm2-135m"])
-@pytest.mark.parametrize("criterion", ["llm_pruner", "wanda_sp", "flap", "magnitude"])
+@pytest.mark.parametrize("criterion", ["llm_pruner", "wanda_sp", "flap", "magnitude_width"])
 @pytest.mark.parametrize("ratio", [0.2, 0.35])
 def test_width_budget_within_half_percent_of_depth(name, criterion, ratio):
     model = meta(name)
     budget = resolve_budget(model, ratio)
     keep = (4, 2) if criterion == "llm_pruner" else (0, 0)
-    m = WidthPruner(name=criterion, criterion=criterion, keep_first=keep[0], keep_last=keep[1], calib=None)
+    m = METHODS[criterion](keep_first=keep[0], keep_last=keep[1], calib=None)
     g = torch.Generator().manual_seed(0)
     geo = [layer_geometry(layer) for layer in model.model.layers]
     scores = {"q": [torch.rand(x.n_q, generator=g).tolist() for x in geo],
@@ -135,10 +137,10 @@ def test_width_budget_within_half_percent_of_depth(name, criterion, ratio):
               "o_mean": [[0.0] * (x.n_q * x.head_dim) for x in geo],
               "down_mean": [[0.0] * x.channels for x in geo]}
     plan = m.plan(scores, budget, model)
-    assert abs(plan["predicted_params"] - budget.target_params) <= 0.005 * budget.dense_params
-    assert plan["budget_matched"]
+    assert abs(plan.predicted_params - budget.target_params) <= 0.005 * budget.dense_params
+    assert plan.budget_matched
     apply_width_plan(model, plan)
-    assert count_params(model) == plan["predicted_params"]
+    assert count_params(model) == plan.predicted_params
 
 
 def test_round_to_keeps_hardware_friendly_sizes(tiny, cfg_for, data_root):
@@ -146,7 +148,7 @@ def test_round_to_keeps_hardware_friendly_sizes(tiny, cfg_for, data_root):
     m, _, plan = prune(model, tok, cfg_for, data_root, "wanda_sp", round_to=8)
     m.apply(model, plan)
     assert all(layer.mlp.gate_proj.out_features % 8 == 0 for layer in model.model.layers)
-    assert plan["round_to"] == 8
+    assert plan.round_to == 8
 
 
 def test_unreachable_ratio_is_an_error(tiny, cfg_for, data_root):
@@ -175,18 +177,18 @@ def test_surgery_refuses_orphaned_or_uneven_groups(cfg_for):
     with pytest.raises(ValueError, match="orphaned"):
         prune_heads(attn, keep_q=[0, 1, 3], keep_kv=[0, 1])  # groups of 2 and 1
     with pytest.raises(BenchError, match="allowed values for flap are kv_groups"):
-        WidthPruner(name="flap", criterion="flap", head_mode="q_heads")
+        FLAP(name="flap", head_mode="q_heads")
 
 
 def test_budget_match_ratio_targets_the_ratio_itself():
     model = meta("llama-7b")
     budget = resolve_budget(model, 0.2)
-    m = WidthPruner(name="w", criterion="magnitude", budget_match="ratio")
+    m = MagnitudeWidth(name="w", budget_match="ratio")
     assert m.target(budget) == budget.dense_params - round(0.2 * 32 * 202_383_360)
     zeros = {"q": [[0.0] * 32] * 32, "kv": [[0.0] * 32] * 32, "channel": [[0.0] * 11008] * 32}
     plan = m.plan(zeros, budget, model)
-    assert abs(plan["predicted_params"] - m.target(budget)) <= 0.005 * budget.dense_params
-    assert plan["target_params"] == m.target(budget) != budget.target_params
+    assert abs(plan.predicted_params - m.target(budget)) <= 0.005 * budget.dense_params
+    assert plan.target_params == m.target(budget) != budget.target_params
 
 
 @pytest.mark.parametrize("variant", ["param_first", "param_second", "param_mix", "vectorize"])

@@ -60,14 +60,16 @@ def build_models(cfg, methods: list[str], ratios: list[float], plans: Path | Non
         method = build_method(compose([f"method={name}"]).method)
         for ratio in ratios if method.prunes else [0.0]:
             label = method.label if not method.prunes else f"{method.label} {ratio:g}"
+            plan_file = None
             if not method.prunes:
-                model, plan = base, {"kind": "dense"}
+                model, plan = base, method.plan(None, None)
             else:
                 model = copy.deepcopy(base)
                 budget = resolve_budget(model, ratio)
                 path = plans and cell_dir(cfg, method.label, ratio).relative_to(cfg.out_dir)
                 if plans is not None and (plans / path / "plan.json").is_file():
-                    plan = saved_plan(plans / path / "plan.json", method, budget, structure_only=True)
+                    plan_file = str(plans / path / "plan.json")
+                    plan = saved_plan(plan_file, method, budget, structure_only=True)
                 elif cfg.shape_only:
                     plan = method.plan(None, budget, model)
                 else:
@@ -76,8 +78,8 @@ def build_models(cfg, methods: list[str], ratios: list[float], plans: Path | Non
                 method.apply(model, plan)
             params = count_params(model)
             models[label] = model
-            ident[label] = {"model": cfg.model.name, "method": method.label, "kind": plan["kind"], "ratio": ratio,
-                            "params": params, "dense_params": dense_params, "plan_file": plan.get("plan_file"),
+            ident[label] = {"model": cfg.model.name, "method": method.label, "kind": plan.kind, "ratio": ratio,
+                            "params": params, "dense_params": dense_params, "plan_file": plan_file,
                             "mode": "shape_only" if cfg.shape_only else "weights",
                             "ideal_speedup": dense_ne / non_embedding_params(model)}
             if method.prunes:

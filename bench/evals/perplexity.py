@@ -24,6 +24,7 @@ import time
 import torch
 
 from bench.data import text_rows
+from bench.progress import bar
 from bench.records import Progress
 
 log = logging.getLogger("bench.ppl")
@@ -58,15 +59,15 @@ def token_nll(model, ids: torch.Tensor, inputs_embeds: torch.Tensor | None = Non
 
 
 @torch.no_grad()
-def window_nll(model, wins: torch.Tensor, batch_size: int) -> torch.Tensor:
-    """Mean next-token NLL of each window ([n_windows] fp64)."""
+def window_nll(model, wins: torch.Tensor, batch_size: int, desc: str = "ppl") -> torch.Tensor:
+    """Mean next-token NLL of each window ([n_windows] fp64), with a progress bar over the window batches."""
     return torch.cat([token_nll(model, b.to(model.device)).double().mean(dim=1).cpu()
-                      for b in wins.split(batch_size)])
+                      for b in bar(wins.split(batch_size), desc=desc, unit="batch")])
 
 
-def perplexity(model, wins: torch.Tensor, batch_size: int) -> tuple[float, float]:
+def perplexity(model, wins: torch.Tensor, batch_size: int, desc: str = "ppl") -> tuple[float, float]:
     """(PPL, stderr). Windows have equal length, so the mean of window means is the token mean."""
-    nll = window_nll(model, wins, batch_size)
+    nll = window_nll(model, wins, batch_size, desc)
     mean = nll.mean().item()
     se = nll.std().item() / math.sqrt(len(nll)) if len(nll) > 1 else float("nan")
     return math.exp(mean), math.exp(mean) * se
@@ -93,7 +94,7 @@ def _corpus_row(model, tokenizer, ids: torch.Tensor, pcfg, name: str, bos: str, 
     wins = windows(ids, pcfg.seq_len, tokenizer.bos_token_id, bos)
     if pcfg.get("max_windows"):
         wins = wins[: pcfg.max_windows]
-    ppl, se = perplexity(model, wins, pcfg.batch_size)
+    ppl, se = perplexity(model, wins, pcfg.batch_size, f"ppl {name} {METRIC[bos]}")
     elapsed = time.perf_counter() - t0
     log.info("%s %s: %.3f +- %.3f (%d windows, %.1f s)", name, METRIC[bos], ppl, se, len(wins), elapsed)
     return {"stage": "ppl", "task": name, "metric": METRIC[bos], "value": ppl, "stderr": se, "n": len(wins),

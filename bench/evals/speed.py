@@ -41,6 +41,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
+from bench.progress import bar
 from bench.records import Progress
 
 log = logging.getLogger("bench.speed")
@@ -183,18 +184,22 @@ def prompt_ids(tokenizer, scfg, model, device: torch.device) -> torch.Tensor:
 def measure(models: dict, ids: torch.Tensor, scfg, reference: str | None = None) -> list[dict]:
     """Interleaved speed and memory of `models` ({label: model}) at every runtime x output length x batch
     size. Returns one row per label x runtime x length x batch x metric; `reference` names the model the
-    others' speedups are against."""
-    device = ids.device
+    others' speedups are against. A bar counts the points (runtime x length x batch), each one's warm-up and
+    interleaved rounds of every model."""
     rows = []
-    for runtime in scfg.runtimes:
-        if runtime not in RUNTIMES:
-            from bench import BenchError
+    n_points = len(scfg.runtimes) * len(scfg.new_tokens) * len(scfg.batch_sizes)
+    with bar(total=n_points, desc="speed", unit="point") as points:
+        for runtime in scfg.runtimes:
+            if runtime not in RUNTIMES:
+                from bench import BenchError
 
-            raise BenchError(f"eval.speed.runtimes: {runtime!r}; allowed values are {', '.join(RUNTIMES)}")
-        for new_tokens in scfg.new_tokens:
-            alive = dict(models)
-            for batch in sorted(scfg.batch_sizes):
-                rows += _measure_point(alive, ids, int(batch), int(new_tokens), runtime, scfg, reference)
+                raise BenchError(f"eval.speed.runtimes: {runtime!r}; allowed values are {', '.join(RUNTIMES)}")
+            for new_tokens in scfg.new_tokens:
+                alive = dict(models)
+                for batch in sorted(scfg.batch_sizes):
+                    points.set_postfix_str(f"{runtime} bs={batch} out={new_tokens}", refresh=False)
+                    rows += _measure_point(alive, ids, int(batch), int(new_tokens), runtime, scfg, reference)
+                    points.update()
     return rows
 
 

@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 from bench import BenchError
+from bench.progress import enabled as progress_enabled
 from bench.records import Progress
 
 log = logging.getLogger("bench.zeroshot")
@@ -151,6 +152,8 @@ def evaluate(model, tokenizer, cfg, dense=None, progress: Progress | None = None
         manager = task_manager(None)
     source = "local" if data_root else "hub"
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=zcfg.batch_size)
+    if not progress_enabled():
+        quiet_requests(lm)
     settings = {"limit": zcfg.get("limit"), "batch_size": zcfg.batch_size, "seed": int(cfg.seed), "source": source,
                 "lm_eval": _lm_eval_version()}
     rows = []
@@ -164,6 +167,14 @@ def evaluate(model, tokenizer, cfg, dense=None, progress: Progress | None = None
                      "stderr": None, "n": len(paper), "unit": "", "paper_metric": True, "data_source": source,
                      "elapsed_s": sum(r["elapsed_s"] for r in rows if r["paper_metric"])})
     return rows
+
+
+def quiet_requests(lm) -> None:
+    """Turn off lm-eval's per-request bars ("Running loglikelihood requests", on stderr). HFLM passes them
+    disable=False (rank 0), which overrides TQDM_DISABLE, so they would fill CI and batch logs; they stay on
+    where bench's own bars are (bench.progress.enabled)."""
+    for name in ("loglikelihood", "loglikelihood_rolling", "generate_until"):
+        setattr(lm, name, functools.partial(getattr(lm, name), disable_tqdm=True))
 
 
 def task_rows(lm, task: str, name: str, manager, zcfg, seed: int, source: str,

@@ -1,9 +1,15 @@
-"""Pruning methods: one explicit registry from `impl` names to classes.
+"""Pruning methods: one registry from `impl` names to classes (bench/methods/base.py says what a class declares).
 
-A method config (conf/method/<name>.yaml) names its implementation (`impl`), its row label (`name`) and its
-hyperparameters; `build_method` passes the hyperparameters to the class, so a typo is an error, not a no-op.
-Adding a method = one module with a class + one YAML in conf/method/ whose `impl` is `module:Class` (the worked
-example: bench/methods/random_blocks.py, conf/method/depth_random.yaml; README).
+A method config (conf/method/<name>.yaml) names its implementation (`impl`: a registered name, or
+`package.module:Class` for a class living anywhere on the path), its row label (`name`) and its hyperparameters;
+`build_method` passes the hyperparameters to the class, so a typo is an error, not a no-op.
+
+    registered      family (module)
+    dense           the unpruned reference (base)
+    depth_ppl, depth_taylor, depth_magnitude, block_influence, angular, sleb     depth (depth)
+    depth_random    the worked example of adding a method (random_blocks)
+    llm_pruner, wanda_sp, flap, magnitude_width                                  width (width)
+    slicegpt        SliceGPT (slicegpt)
 """
 
 from __future__ import annotations
@@ -12,21 +18,12 @@ import dataclasses
 import importlib
 
 from bench import BenchError
-from bench.methods.base import Dense, Method
-from bench.methods.depth import DepthPruner
-from bench.methods.slicegpt import SlicePruner
-from bench.methods.width import WidthPruner
-
-METHODS: dict[str, type] = {
-    "dense": Dense,
-    "depth": DepthPruner,
-    "width": WidthPruner,
-    "slicegpt": SlicePruner,
-}
+from bench.methods import depth, random_blocks, slicegpt, width  # noqa: F401 (each module registers its classes)
+from bench.methods.base import METHODS, Method
 
 
 def resolve_impl(impl) -> type:
-    """A registered short name, or `package.module:Class` for a method living anywhere on the path."""
+    """A registered name, or `package.module:Class` for a method living anywhere on the path."""
     if isinstance(impl, str) and ":" in impl:
         module, _, name = impl.partition(":")
         try:
@@ -34,7 +31,7 @@ def resolve_impl(impl) -> type:
         except (ImportError, AttributeError) as e:
             raise BenchError(f"method.impl={impl!r}: cannot import {name} from {module} ({e})") from e
     if impl not in METHODS:
-        raise BenchError(f"method.impl={impl!r}: allowed values are {', '.join(METHODS)} or module:Class")
+        raise BenchError(f"method.impl={impl!r}: allowed values are {', '.join(sorted(METHODS))} or module:Class")
     return METHODS[impl]
 
 

@@ -1,24 +1,52 @@
-"""The method contract: score units on calibration text, decide a plan, apply it.
+"""The method contract and the registry of runnable methods.
 
-    check(budget, model)                 fail fast, before any scoring, on a budget the method cannot meet
-    score(model, calib, budget)          importance of every unit (lower = less important), JSON-serializable;
-                                         cached on disk by the runner
-    plan(scores, budget, model) -> dict  a JSON-serializable decision (plan.json); reads the model's shapes,
-                                         never changes it. scores=None (shape-only mode, no data) gives the
-                                         method's structure with units chosen by index: what speed depends on
+A method is a dataclass whose fields are its hyperparameters (conf/method/<name>.yaml sets them) and whose class
+attributes tell the runner what it needs:
+
+    kind         "dense" | "depth" | "width" | "slice": the plan it returns (bench.plans), what plan_file= accepts
+    prunes       False only for the dense reference
+    needs_calib  False for data-free criteria (magnitude, random): the runner then draws no calibration text
+    layout       module paths inside a decoder block that the method reads or cuts (bench.models.check_layout
+                 refuses a model without them in one line)
+
+and whose methods are the four steps of a cell:
+
+    check(budget, model)                 fail fast, before any scoring, on a budget or model it cannot handle
+    score(model, calib, budget)          importance of every unit (lower = less important), JSON-serializable
+                                         (or tensors with scores_format = "pt"); cached on disk by the runner
+    plan(scores, budget, model) -> Plan  the decision (bench.plans); reads the model's shapes, never changes it.
+                                         scores=None (shape-only mode, no data): the structure with units chosen
+                                         by index, which is all that speed depends on
     apply(model, plan)                   physical removal through bench.surgery
 
 `score_key(budget, model)` names everything the scores depend on besides the model and the calibration tokens
 (which the runner hashes): the criterion, and the budget only for methods whose scoring is sequential. So a
 sweep over ratios scores each (model, criterion, calibration) once.
+
+`METHODS` maps every registry name (a method YAML's `impl`) to its class; `@register("name")` adds one. A new
+criterion is a subclass of a family's class (DepthPruner, WidthPruner) plus a YAML; a new family is a module with
+its class plus a YAML; a class outside the repo is named `impl: package.module:Class` (README).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 from bench.budget import Budget
+from bench.plans import DensePlan, Plan
+
+METHODS: dict[str, type] = {}
+
+
+def register(name: str):
+    """Class decorator: make `name` a runnable `impl` (conf/method/*.yaml)."""
+    def add(cls: type) -> type:
+        if name in METHODS and METHODS[name] is not cls:
+            raise ValueError(f"method {name!r} is registered twice ({METHODS[name].__name__}, {cls.__name__})")
+        METHODS[name] = cls
+        return cls
+    return add
 
 
 @dataclass(frozen=True)
@@ -37,6 +65,10 @@ def as_calib(value, needed: bool) -> CalibSpec | None:
 
 
 class Method(Protocol):
+    kind: ClassVar[str]
+    prunes: ClassVar[bool]
+    needs_calib: ClassVar[bool]
+    layout: ClassVar[tuple[str, ...]]
     name: str
     calib: CalibSpec | None
 
@@ -45,18 +77,25 @@ class Method(Protocol):
     def check(self, budget: Budget, model=None) -> None: ...
     def score_key(self, budget: Budget | None = None, model=None) -> dict | None: ...
     def score(self, model, calib_ids, budget: Budget | None = None) -> Any: ...
-    def plan(self, scores: Any, budget: Budget, model=None) -> dict[str, Any]: ...
-    def apply(self, model, plan: dict[str, Any]) -> Any: ...
+    def plan(self, scores: Any, budget: Budget, model=None) -> Plan: ...
+    def apply(self, model, plan: Plan) -> Any: ...
 
 
+@register("dense")
 @dataclass
 class Dense:
     """The unpruned reference: no scoring, empty plan."""
 
+    kind: ClassVar[str] = "dense"
+    prunes: ClassVar[bool] = False
+    needs_calib: ClassVar[bool] = False
+    layout: ClassVar[tuple[str, ...]] = ()
     name: str = "dense"
     calib: CalibSpec | None = field(default=None)
-    label = "dense"
-    prunes = False
+
+    @property
+    def label(self) -> str:
+        return self.name
 
     def check(self, budget, model=None):
         pass
@@ -67,8 +106,8 @@ class Dense:
     def score(self, model, calib_ids, budget=None):
         return None
 
-    def plan(self, scores, budget, model=None):
-        return {"kind": "dense"}
+    def plan(self, scores, budget, model=None) -> DensePlan:
+        return DensePlan()
 
     def apply(self, model, plan):
         return model

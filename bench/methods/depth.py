@@ -26,15 +26,18 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 
 from bench import BenchError
 from bench.budget import Budget
-from bench.methods.base import CalibSpec, as_calib
+from bench.methods.base import CalibSpec, as_calib, register
 from bench.methods.grads import backward_folded
-from bench.models import decoder_layers
 from bench.evals.perplexity import token_nll
+from bench.models import DEPTH_LAYOUT, check_layout, decoder_layers
+from bench.progress import bar
+from bench.plans import DepthPlan
 from bench.surgery import blocks_view, remove_blocks
 
 log = logging.getLogger("bench.depth")
@@ -50,13 +53,16 @@ def ppl_scores(model, ids: torch.Tensor, batch_size: int = 10) -> list[float]:
     Same scores as `ppl_scores_reference` (the official loop) to ~1e-6 relative in fp32."""
     n_layers = len(decoder_layers(model))
     nll = torch.zeros(n_layers, dtype=torch.float64)
-    for chunk in ids.split(batch_size):
-        chunk = chunk.to(model.device)
-        # hidden[b] = input of block b; logits_to_keep=1: the dense logits are not needed
-        hidden = model(chunk, output_hidden_states=True, logits_to_keep=1, use_cache=False).hidden_states
-        for b in range(n_layers):
-            with blocks_view(model, list(range(b + 1, n_layers))):
-                nll[b] += token_nll(model, chunk, inputs_embeds=hidden[b]).double().sum().cpu()
+    chunks = ids.split(batch_size)
+    with bar(total=len(chunks) * n_layers, desc="ppl per block", unit="block") as progress:
+        for chunk in chunks:
+            chunk = chunk.to(model.device)
+            # hidden[b] = input of block b; logits_to_keep=1: the dense logits are not needed
+            hidden = model(chunk, output_hidden_states=True, logits_to_keep=1, use_cache=False).hidden_states
+            for b in range(n_layers):
+                with blocks_view(model, list(range(b + 1, n_layers))):
+                    nll[b] += token_nll(model, chunk, inputs_embeds=hidden[b]).double().sum().cpu()
+                progress.update()
     n_targets = ids.shape[0] * (ids.shape[1] - 1)
     return [math.exp(x / n_targets) for x in nll.tolist()]
 
@@ -119,9 +125,10 @@ def magnitude_scores(model) -> list[float]:
     return scores
 
 
-def _hidden_states(model, ids: torch.Tensor, batch_size: int):
-    """HF's hidden states (embeddings, then every block's output; the last final-normed) per calibration batch."""
-    for chunk in ids.split(batch_size):
+def _hidden_states(model, ids: torch.Tensor, batch_size: int, desc: str):
+    """HF's hidden states (embeddings, then every block's output; the last final-normed) per calibration batch,
+    with a progress bar over the batches."""
+    for chunk in bar(ids.split(batch_size), desc=desc, unit="batch"):
         yield model(chunk.to(model.device), output_hidden_states=True, logits_to_keep=1,
                     use_cache=False).hidden_states
 
@@ -133,7 +140,7 @@ def block_influence_scores(model, ids: torch.Tensor, batch_size: int = 10) -> li
     counts 0.5. Summed over every token of every calibration sample."""
     n_layers = len(decoder_layers(model))
     bi = torch.zeros(n_layers, dtype=torch.float64)
-    for hidden in _hidden_states(model, ids, batch_size):
+    for hidden in _hidden_states(model, ids, batch_size, "block influence"):
         for b in range(n_layers):
             cos = torch.nn.functional.cosine_similarity(hidden[b].float(), hidden[b + 1].float(), dim=-1)
             bi[b] += torch.nan_to_num(1 - cos, nan=0.5).double().sum().cpu()
@@ -147,7 +154,7 @@ def angular_distances(model, ids: torch.Tensor, n: int, batch_size: int = 10) ->
     averaged over samples. Index l = the run of blocks l..l+n-1."""
     n_layers = len(decoder_layers(model))
     total = torch.zeros(n_layers - n + 1, dtype=torch.float64)
-    for hidden in _hidden_states(model, ids, batch_size):
+    for hidden in _hidden_states(model, ids, batch_size, "angular distance"):
         last = torch.stack([h[:, -1].float() for h in hidden])  # [L + 1, batch, hidden]
         cos = torch.nn.functional.cosine_similarity(last[:-n], last[n:], dim=-1).clamp(-1, 1)
         total += (torch.arccos(cos) / math.pi).double().sum(dim=1).cpu()
@@ -158,10 +165,11 @@ def sleb_order(model, ids: torch.Tensor, n: int, candidates: list[int], batch_si
     """SLEB's greedy removal (sleb.py::sleb): n times, score every remaining candidate by the calibration PPL
     with it removed as well (the same exp(mean NLL) ranking as SLEB's summed loss; prefix states reused as in
     `ppl_scores`), remove the best, repeat. The first and last *remaining* blocks are never candidates
-    (early_barrier = latter_barrier = 1). Returns one {block, ppl} per step, in removal order."""
+    (early_barrier = latter_barrier = 1). Returns one {block, ppl} per step, in removal order. A bar counts
+    the rounds; each round's candidate scoring has its own (`ppl_scores`)."""
     n_layers = len(decoder_layers(model))
     removed, steps = [], []
-    for _ in range(n):
+    for _ in bar(range(n), desc="sleb rounds", unit="round"):
         alive = [b for b in range(n_layers) if b not in removed]
         with blocks_view(model, alive):
             ppl = dict(zip(alive, ppl_scores(model, ids, batch_size)))
@@ -173,24 +181,26 @@ def sleb_order(model, ids: torch.Tensor, n: int, candidates: list[int], batch_si
     return steps
 
 
-CRITERIA = ("ppl", "taylor", "magnitude", "block_influence", "angular", "sleb")
-BUDGET_DEPENDENT = ("angular", "sleb")  # their scores depend on how many blocks go
-
-
 @dataclass
 class DepthPruner:
-    name: str
-    criterion: str
+    """A depth criterion: rank whole decoder blocks, remove the budget's k least important ones. A criterion is a
+    subclass that sets `criterion` and implements `score` (one float per block, lowest = removed first)."""
+
+    kind: ClassVar[str] = "depth"
+    prunes: ClassVar[bool] = True
+    needs_calib: ClassVar[bool] = True
+    layout: ClassVar[tuple[str, ...]] = DEPTH_LAYOUT
+    criterion: ClassVar[str] = ""
+    budget_dependent: ClassVar[bool] = False   # scores depend on how many blocks go (angular, SLEB)
+    name: str = ""
     keep_first: int = 4           # the "+" keep-set: first 4 and last 2 blocks are never removed
     keep_last: int = 2
     calib: CalibSpec | None = field(default_factory=CalibSpec)
     batch_size: int = 10          # calibration samples per forward in the PPL criterion
-    prunes = True
 
     def __post_init__(self):
-        if self.criterion not in CRITERIA:
-            raise BenchError(f"method.criterion={self.criterion!r}: allowed values are {', '.join(CRITERIA)}")
-        self.calib = as_calib(self.calib, needed=self.criterion != "magnitude")
+        self.name = self.name or self.criterion
+        self.calib = as_calib(self.calib, needed=self.needs_calib)
 
     @property
     def label(self) -> str:
@@ -202,6 +212,8 @@ class DepthPruner:
         return [b for b in range(n_layers) if b not in protected]
 
     def check(self, budget: Budget, model=None) -> None:
+        if model is not None:
+            check_layout(model, self.layout, f"method={self.name}")
         n = len(self.candidates(budget.n_blocks))
         if budget.remove_blocks >= n:
             raise BenchError(f"ratio={budget.ratio} removes {budget.remove_blocks} of {budget.n_blocks} blocks, but "
@@ -210,49 +222,114 @@ class DepthPruner:
 
     def score_key(self, budget: Budget | None = None, model=None) -> dict:
         key = {"impl": "depth", "criterion": self.criterion}  # the runner adds the calibration tokens
-        if self.criterion in BUDGET_DEPENDENT:
+        if self.budget_dependent:
             key |= {"n": budget.remove_blocks, "keep": [self.keep_first, self.keep_last]}
         return key
 
     def score(self, model, calib_ids, budget: Budget | None = None) -> list[float]:
-        """One score per block (angular: per start of a run of k blocks), lowest = removed first."""
-        if self.criterion == "ppl":
-            return ppl_scores(model, calib_ids, self.batch_size)
-        if self.criterion == "taylor":
-            return taylor_scores(model, calib_ids)
-        if self.criterion == "block_influence":
-            return block_influence_scores(model, calib_ids, self.batch_size)
-        if self.criterion == "angular":
-            return angular_distances(model, calib_ids, budget.remove_blocks, self.batch_size)
-        if self.criterion == "sleb":
-            n_layers = len(decoder_layers(model))
-            steps = sleb_order(model, calib_ids, budget.remove_blocks, self.candidates(n_layers), self.batch_size)
-            step = {s["block"]: i for i, s in enumerate(steps)}
-            return [float(step.get(b, len(steps))) for b in range(n_layers)]
-        return magnitude_scores(model)
+        raise NotImplementedError
 
-    def plan(self, scores: list[float] | None, budget: Budget, model=None) -> dict:
+    def removal_order(self, scores: list[float], budget: Budget) -> list[int]:
+        """The allowed blocks, least important first (ties broken by block index: a deterministic plan)."""
+        allowed = set(self.candidates(budget.n_blocks))
+        return [b for b in sorted(range(budget.n_blocks), key=lambda b: (scores[b], b)) if b in allowed]
+
+    def plan(self, scores: list[float] | None, budget: Budget, model=None) -> DepthPlan:
         """Remove the budget's k lowest-scoring candidate blocks. scores=None (shape-only): the k candidates
         nearest the end, the region every criterion of the paper removes from (speed depends only on k)."""
         self.check(budget)
-        n_layers, structural = budget.n_blocks, scores is None
-        if structural:
-            scores = [-b for b in range(n_layers)]
-        k, allowed = budget.remove_blocks, self.candidates(n_layers)
-        if self.criterion == "angular" and not structural:
-            # scores[l] = distance across blocks l..l+k-1: the closest run that lies among the candidates
-            starts = [s for s in range(len(scores)) if all(b in allowed for b in range(s, s + k))]
-            start = min(starts, key=lambda s: (scores[s], s))
-            order = list(range(start, start + k))
-        else:
-            # least important first; ties broken by block index so the plan is deterministic
-            order = [b for b in sorted(range(n_layers), key=lambda b: (scores[b], b)) if b in allowed]
-        remove = sorted(order[:k])
-        return {"kind": "depth", "criterion": None if structural else self.criterion, "n_layers": n_layers,
-                "keep_first": self.keep_first, "keep_last": self.keep_last, "order": order,
-                "remove": remove, "keep": [b for b in range(n_layers) if b not in remove],
-                "target_params": budget.target_params, "predicted_params": budget.target_params,
-                "budget_matched": True}
+        structural = scores is None
+        n_layers = budget.n_blocks
+        order = (self.removal_order([-b for b in range(n_layers)], budget) if structural
+                 else self.chosen_order(scores, budget))
+        remove = sorted(order[:budget.remove_blocks])
+        return DepthPlan(criterion=None if structural else self.criterion, n_layers=n_layers, remove=remove,
+                         keep=[b for b in range(n_layers) if b not in remove], order=order,
+                         keep_first=self.keep_first, keep_last=self.keep_last, target_params=budget.target_params,
+                         predicted_params=budget.target_params)
 
-    def apply(self, model, plan: dict):
-        return remove_blocks(model, plan["remove"])
+    def chosen_order(self, scores: list[float], budget: Budget) -> list[int]:
+        """The order the plan removes from; a criterion whose scores are not per block overrides it (angular)."""
+        return self.removal_order(scores, budget)
+
+    def apply(self, model, plan: DepthPlan):
+        return remove_blocks(model, plan.remove)
+
+
+@register("depth_ppl")
+@dataclass
+class DepthPPL(DepthPruner):
+    """Shortened LLaMA's PPL criterion: calibration perplexity with the block removed."""
+
+    criterion: ClassVar[str] = "ppl"
+
+    def score(self, model, calib_ids, budget=None):
+        return ppl_scores(model, calib_ids, self.batch_size)
+
+
+@register("depth_taylor")
+@dataclass
+class DepthTaylor(DepthPruner):
+    """Shortened LLaMA's Taylor+ criterion: sum of |W * dL/dW| over the block's weights."""
+
+    criterion: ClassVar[str] = "taylor"
+
+    def score(self, model, calib_ids, budget=None):
+        return taylor_scores(model, calib_ids)
+
+
+@register("depth_magnitude")
+@dataclass
+class DepthMagnitude(DepthPruner):
+    """Shortened LLaMA's magnitude+ criterion: sum of |W| over the block's weights (no data)."""
+
+    criterion: ClassVar[str] = "magnitude"
+    needs_calib: ClassVar[bool] = False
+
+    def score(self, model, calib_ids, budget=None):
+        return magnitude_scores(model)
+
+
+@register("block_influence")
+@dataclass
+class BlockInfluence(DepthPruner):
+    """ShortGPT's Block Influence."""
+
+    criterion: ClassVar[str] = "block_influence"
+
+    def score(self, model, calib_ids, budget=None):
+        return block_influence_scores(model, calib_ids, self.batch_size)
+
+
+@register("angular")
+@dataclass
+class Angular(DepthPruner):
+    """Gromov et al.'s angular distance: one score per start of a run of k blocks; the closest run goes."""
+
+    criterion: ClassVar[str] = "angular"
+    budget_dependent: ClassVar[bool] = True
+
+    def score(self, model, calib_ids, budget=None):
+        return angular_distances(model, calib_ids, budget.remove_blocks, self.batch_size)
+
+    def chosen_order(self, scores: list[float], budget: Budget) -> list[int]:
+        # scores[l] = distance across blocks l..l+k-1: the closest run that lies among the candidates
+        k, allowed = budget.remove_blocks, set(self.candidates(budget.n_blocks))
+        starts = [s for s in range(len(scores)) if all(b in allowed for b in range(s, s + k))]
+        start = min(starts, key=lambda s: (scores[s], s))
+        return list(range(start, start + k))
+
+
+@register("sleb")
+@dataclass
+class SLEB(DepthPruner):
+    """SLEB's greedy removal; a block's score is the step that removed it (the plan's order)."""
+
+    criterion: ClassVar[str] = "sleb"
+    budget_dependent: ClassVar[bool] = True
+
+    def score(self, model, calib_ids, budget=None):
+        n_layers = len(decoder_layers(model))
+        steps = sleb_order(model, calib_ids, budget.remove_blocks, self.candidates(n_layers), self.batch_size)
+        step = {s["block"]: i for i, s in enumerate(steps)}
+        return [float(step.get(b, len(steps))) for b in range(n_layers)]

@@ -30,14 +30,17 @@ output is not invariant under the rotation, so it is refused with a one-line err
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 
 from bench import BenchError
 from bench.budget import MATCH_TOLERANCE, Budget, check_budget_match, is_matched, match_target
-from bench.methods.base import CalibSpec, as_calib
+from bench.methods.base import CalibSpec, as_calib, register
 from bench.methods.width_criteria import layer_inputs
-from bench.models import count_params, decoder_layers
+from bench.models import SLICE_LAYOUT, check_layout, count_params, decoder_layers
+from bench.plans import SlicePlan
+from bench.progress import bar
 from bench.surgery import apply_slice_plan, slice_sites
 
 BRANCH_NORMS = ("pre_feedforward_layernorm", "post_feedforward_layernorm")  # Gemma 2/3 sandwich norms
@@ -69,7 +72,9 @@ def sliced_param_count(model, dims: dict[str, int]) -> int:
     for i, layer in enumerate(layers):
         attn, mlp = layer.self_attn, layer.mlp
         d_mid, d_out = dims[f"mid{i}"], dims[f"out{i}"]
-        for m in (attn, mlp, layer.input_layernorm, layer.post_attention_layernorm):
+        # the modules that read or write the stream; others (Qwen3's per-head q_norm / k_norm) keep their size
+        for m in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj,
+                  layer.input_layernorm, layer.post_attention_layernorm):
             touched |= {id(p): p.numel() for p in m.parameters()}
         new += sum(_linear_params(lin, lin.out_features, d_in) for lin in (attn.q_proj, attn.k_proj, attn.v_proj))
         new += _linear_params(attn.o_proj, d_mid, attn.o_proj.in_features)
@@ -113,7 +118,7 @@ def pca_rotations(model, ids: torch.Tensor, dims: dict[str, int], batch_size: in
 
     batches = layer_inputs(model, ids, batch_size)
     xs = slice_site("embed", [x for x, _ in batches])
-    for i, layer in enumerate(decoder_layers(model)):
+    for i, layer in enumerate(bar(decoder_layers(model), desc="slicegpt pca", unit="block")):
         mids = [x + layer.self_attn(hidden_states=layer.input_layernorm(x), **kw)[0] for x, (_, kw) in zip(xs, batches)]
         mids = slice_site(f"mid{i}", mids)
         outs = [m + layer.mlp(layer.post_attention_layernorm(m)) for m in mids]
@@ -121,16 +126,20 @@ def pca_rotations(model, ids: torch.Tensor, dims: dict[str, int], batch_size: in
     return {"rotations": rotations, "eigenvalues": eigenvalues}
 
 
+@register("slicegpt")
 @dataclass
 class SlicePruner:
+    kind: ClassVar[str] = "slice"
+    prunes: ClassVar[bool] = True
+    needs_calib: ClassVar[bool] = True
+    layout: ClassVar[tuple[str, ...]] = SLICE_LAYOUT
     name: str = "slicegpt"
     round_to: int = 1                  # d is a multiple of this (8: the original's --round-interval)
     sparsity: float | None = None      # null: d solved for the budget; a number: the original's nominal slicing
     budget_match: str = "depth"        # depth: depth's achieved params at this ratio; ratio: ratio x block params
     calib: CalibSpec | None = field(default_factory=CalibSpec)
     batch_size: int = 16               # calibration samples per forward
-    prunes = True
-    scores_format = "pt"               # the bases are tensors: the runner caches them with torch.save
+    scores_format: ClassVar[str] = "pt"   # the bases are tensors: the runner caches them with torch.save
 
     def __post_init__(self):
         check_budget_match(self.budget_match)
@@ -138,7 +147,7 @@ class SlicePruner:
             raise BenchError(f"method.sparsity={self.sparsity}: allowed values are null or a number in [0, 1)")
         if self.round_to < 1:
             raise BenchError(f"method.round_to={self.round_to}: must be a positive integer")
-        self.calib = as_calib(self.calib, needed=True)
+        self.calib = as_calib(self.calib, needed=self.needs_calib)
 
     @property
     def label(self) -> str:
@@ -162,6 +171,7 @@ class SlicePruner:
     def check(self, budget: Budget, model=None) -> None:
         if model is None:
             return
+        check_layout(model, self.layout, f"method={self.name}")
         layer = decoder_layers(model)[0]
         branch = [name for name in BRANCH_NORMS if hasattr(layer, name)]
         if branch:
@@ -181,7 +191,7 @@ class SlicePruner:
     def score(self, model, calib_ids, budget: Budget | None = None) -> dict:
         return pca_rotations(model, calib_ids, slice_dims(model, self.width(budget, model)), self.batch_size)
 
-    def plan(self, scores: dict | None, budget: Budget, model=None) -> dict:
+    def plan(self, scores: dict | None, budget: Budget, model=None) -> SlicePlan:
         """Widths per site, the bases (tensors, summarised by shape and sha256 in plan.json) and the exact
         parameter count. scores=None (shape-only): identity bases, the same shapes."""
         h, d = model.config.hidden_size, self.width(budget, model)
@@ -191,14 +201,13 @@ class SlicePruner:
         if rotations is not None and {s: r.shape[1] for s, r in rotations.items()} != dims:
             raise BenchError("method=slicegpt: the cached bases were computed for other widths; clear the score "
                              "cache (make clean) and rerun")
-        return {"kind": "slice", "criterion": None if scores is None else "slicegpt", "hidden_dense": h,
-                "hidden": d, "slicing_fraction": 1 - d / h, "sparsity": self.sparsity, "round_to": self.round_to,
-                "budget_match": self.budget_match, "dims": dims, "target_params": target,
-                "predicted_params": predicted, "gap_params": predicted - target,
-                "budget_matched": is_matched(budget, predicted, target),
-                "rotations": rotations}
+        return SlicePlan(criterion=None if scores is None else "slicegpt", hidden_dense=h, hidden=d,
+                         slicing_fraction=1 - d / h, sparsity=self.sparsity, round_to=self.round_to,
+                         budget_match=self.budget_match, dims=dims, target_params=target,
+                         predicted_params=predicted, gap_params=predicted - target,
+                         budget_matched=is_matched(budget, predicted, target), rotations=rotations)
 
     # --- mutating ------------------------------------------------------------------------------------------
 
-    def apply(self, model, plan: dict):
+    def apply(self, model, plan: SlicePlan):
         return apply_slice_plan(model, plan)

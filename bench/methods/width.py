@@ -22,17 +22,18 @@ solved so the achieved count is as close as whole heads and channels allow; the 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 
 from bench import BenchError
 from bench.budget import BUDGET_MATCHES, MATCH_TOLERANCE, Budget, is_matched, match_target
 from bench.methods import width_criteria as wc
-from bench.methods.base import CalibSpec, as_calib
-from bench.models import decoder_layers
+from bench.methods.base import CalibSpec, as_calib, register
+from bench.models import WIDTH_LAYOUT, check_layout, decoder_layers
+from bench.plans import WidthPlan
 from bench.surgery import apply_width_plan, head_rows
 
-CRITERIA = ("llm_pruner", "wanda_sp", "flap", "magnitude")
 HEAD_MODES = ("auto", "kv_groups", "q_heads")
 
 
@@ -77,14 +78,6 @@ def head_units(g: LayerGeometry, mode: str) -> tuple[int, int]:
     return groups, g.n_kv * g.q_params  # one query head out of every group
 
 
-def count_rule(criterion: str):
-    """Units to remove from n at ratio r: LLM-Pruner / torch-pruning keep int(n (1 - r)); Wanda-sp removes
-    int(r n) (FLAP repo's thresholds)."""
-    if criterion == "wanda_sp":
-        return lambda n, r: int(r * n)
-    return lambda n, r: n - int(n * (1 - r))
-
-
 def _round_kept(kept: int, round_to: int | None) -> int:
     if not round_to:
         return kept
@@ -93,33 +86,40 @@ def _round_kept(kept: int, round_to: int | None) -> int:
 
 @dataclass
 class WidthPruner:
-    name: str
-    criterion: str
+    """A width criterion: score heads and MLP channels, remove the least important ones, matched to the budget.
+    A criterion is a subclass that sets `criterion` and implements `score`; `remove_count` (its paper's rounding
+    at a ratio) and `allocate` (uniform per layer by default) may be overridden."""
+
+    kind: ClassVar[str] = "width"
+    prunes: ClassVar[bool] = True
+    needs_calib: ClassVar[bool] = True
+    layout: ClassVar[tuple[str, ...]] = WIDTH_LAYOUT
+    criterion: ClassVar[str] = ""
+    head_reduce: ClassVar[str] = "sum"   # a head unit scores the sum of its heads' scores (FLAP: the mean)
+    name: str = ""
     head_mode: str = "auto"
     keep_first: int = 0           # blocks never pruned at the start (LLM-Pruner: 4)
     keep_last: int = 0            # ... and at the end (LLM-Pruner: 2)
     round_to: int | None = None   # round kept MLP channels to a multiple (8, 64: hardware-friendly); off = papers
     budget_match: str = "depth"   # depth: depth's achieved params at this ratio; ratio: ratio x block params
-    taylor: str = "param_first"   # llm_pruner's element salience (param_second, param_mix, vectorize)
-    bias: bool = True             # flap: bias compensation
     calib: CalibSpec | None = field(default_factory=CalibSpec)
     batch_size: int = 16          # calibration samples per forward (activation statistics)
-    prunes = True
 
     def __post_init__(self):
-        for key, value, allowed in (("criterion", self.criterion, CRITERIA), ("head_mode", self.head_mode, HEAD_MODES),
-                                    ("budget_match", self.budget_match, BUDGET_MATCHES),
-                                    ("taylor", self.taylor, wc.TAYLOR_VARIANTS)):
+        self.name = self.name or self.criterion
+        for key, value, allowed in (("head_mode", self.head_mode, HEAD_MODES),
+                                    ("budget_match", self.budget_match, BUDGET_MATCHES)):
             if value not in allowed:
                 raise BenchError(f"method.{key}={value!r}: allowed values are {', '.join(allowed)}")
-        if self.criterion == "flap" and self.head_mode == "q_heads":
-            raise BenchError("method.head_mode=q_heads: flap's adaptive structure removes whole key/value groups; "
-                             "allowed values for flap are kv_groups")
-        self.calib = as_calib(self.calib, needed=self.criterion != "magnitude")
+        self.calib = as_calib(self.calib, needed=self.needs_calib)
 
     @property
     def label(self) -> str:
         return self.name
+
+    def remove_count(self, n: int, r: float) -> int:
+        """Units to remove from n at ratio r: LLM-Pruner / torch-pruning keep int(n (1 - r))."""
+        return n - int(n * (1 - r))
 
     # --- deciding ------------------------------------------------------------------------------------------
 
@@ -140,6 +140,7 @@ class WidthPruner:
     def check(self, budget: Budget, model=None) -> None:
         if model is None:
             return
+        check_layout(model, self.layout, f"method={self.name}")
         self.resolve_head_mode(model)
         geo = model_geometry(model)
         if self.head_mode == "q_heads" and any(g.n_q == g.n_kv for g in geo):
@@ -162,12 +163,11 @@ class WidthPruner:
         rounding rule: LLM-Pruner's plan at a given ratio (its README's 0.25 on blocks 4..29 of LLaMA-7B), with no
         budget matching."""
         self.resolve_head_mode(geo)
-        rule = count_rule(self.criterion)
         out = {}
         for i in self.layers(len(geo)):
             units, _ = head_units(geo[i], self.head_mode)
-            h = min(rule(units, r), units - 1)
-            kept = _round_kept(geo[i].channels - rule(geo[i].channels, r), self.round_to)
+            h = min(self.remove_count(units, r), units - 1)
+            kept = _round_kept(geo[i].channels - self.remove_count(geo[i].channels, r), self.round_to)
             out[i] = (h, min(max(geo[i].channels - kept, 0), geo[i].channels - 1))
         return out
 
@@ -175,8 +175,8 @@ class WidthPruner:
         """Uniform allocation matched to `target`: the same (head units, channels) removed from every prunable
         layer. Whole heads are coarse (SmolLM2 has 3 key/value groups per layer), so channels take up the slack:
         among the pairs within the tolerance of the target, prefer one whose head count is what the method's own
-        rule gives at the channel fraction (`count_rule`: LLM-Pruner rounds heads up, Wanda-sp down), then the one
-        whose head and channel fractions are closest; with no pair within tolerance, the pair nearest the target."""
+        rule gives at the channel fraction (`remove_count`), then the one whose head and channel fractions are
+        closest; with no pair within tolerance, the pair nearest the target."""
         self.resolve_head_mode(geo)
         layers = self.layers(len(geo))
         g = geo[layers[0]]
@@ -185,7 +185,7 @@ class WidthPruner:
         units, unit_params = head_units(g, self.head_mode)
         need, n, tol = dense - target, len(layers), MATCH_TOLERANCE * dense
         step = self.round_to or 1
-        rule, best = count_rule(self.criterion), None
+        best = None
         for h in range(units):  # a layer keeps at least one head unit
             exact = (need - n * h * unit_params) / (n * g.channel_params)
             kept = {_round_kept(g.channels - c, self.round_to) for c in (int(exact), int(exact) + 1)}
@@ -195,7 +195,7 @@ class WidthPruner:
                 if not 0 <= c < g.channels:
                     continue
                 gap = abs(need - n * (h * unit_params + c * g.channel_params))
-                own_rule = rule(units, c / g.channels) == h
+                own_rule = self.remove_count(units, c / g.channels) == h
                 key = (0, not own_rule, abs(h / units - c / g.channels)) if gap <= tol else (1, 0, gap)
                 if best is None or key < best[0]:
                     best = (key, h, c)
@@ -203,41 +203,19 @@ class WidthPruner:
 
     def score_key(self, budget: Budget | None = None, model=None) -> dict:
         self.resolve_head_mode(model)
-        key = {"impl": "width", "criterion": self.criterion, "head_mode": self.head_mode}
-        if self.criterion == "llm_pruner":
-            key["taylor"] = self.taylor
-        if self.criterion == "wanda_sp":  # sequential: later layers' scores depend on earlier decisions
-            geo = model_geometry(model)
-            key["counts"] = sorted(self.solve_counts(geo, budget.dense_params, self.target(budget)).items())
-        return key
+        return {"impl": "width", "criterion": self.criterion, "head_mode": self.head_mode}
 
     def score(self, model, calib_ids, budget: Budget | None = None) -> dict:
-        self.resolve_head_mode(model)
-        if self.criterion == "llm_pruner":
-            return wc.taylor_scores(model, calib_ids, self.taylor)
-        if self.criterion == "magnitude":
-            return wc.magnitude_scores(model)
-        if self.criterion == "flap":
-            return wc.flap_scores(model, calib_ids, self.batch_size)
-        geo = model_geometry(model)
-        counts = self.solve_counts(geo, budget.dense_params, self.target(budget))
-
-        def select(li, scores):
-            spec = self._select_layer(li, geo[li], scores, counts.get(li, (0, 0)))
-            return head_rows(spec["remove_q"], geo[li].head_dim), torch.tensor(spec["remove_channels"],
-                                                                                  dtype=torch.long)
-        return wc.wanda_sp_scores(model, calib_ids, select, self.batch_size)
+        raise NotImplementedError
 
     def _unit_scores(self, li: int, g: LayerGeometry, scores: dict) -> list[tuple[float, list[int], list[int]]]:
-        """(score, query heads, key/value heads) of every head unit of a layer; a unit scores the sum of its
-        heads (FLAP: the mean, as its head score is a mean over channels)."""
+        """(score, query heads, key/value heads) of every key/value group of a layer: the reduction (sum, or
+        FLAP's mean) of its query heads' scores plus its key/value head's."""
         q, kv = list(map(float, scores["q"][li])), list(map(float, scores["kv"][li]))
         groups = g.n_q // g.n_kv
-        reduce = (lambda xs: sum(xs) / len(xs)) if self.criterion == "flap" else sum
-        if self.head_mode == "kv_groups":
-            return [(reduce([q[k * groups + j] for j in range(groups)]) + kv[k],
-                     [k * groups + j for j in range(groups)], [k]) for k in range(g.n_kv)]
-        return []  # q_heads: chosen per group in _select_layer
+        reduce = (lambda xs: sum(xs) / len(xs)) if self.head_reduce == "mean" else sum
+        return [(reduce([q[k * groups + j] for j in range(groups)]) + kv[k],
+                 [k * groups + j for j in range(groups)], [k]) for k in range(g.n_kv)]
 
     def _select_layer(self, li: int, g: LayerGeometry, scores: dict, count: tuple[int, int]) -> dict:
         n_units, n_ch = count
@@ -246,7 +224,7 @@ class WidthPruner:
             units = sorted(self._unit_scores(li, g, scores), key=lambda u: (u[0], u[2]))[:n_units]
             remove_q = sorted(q for u in units for q in u[1])
             remove_kv = sorted(k for u in units for k in u[2])
-        elif n_units:
+        elif n_units:  # q_heads: the n_units lowest query heads of every group
             groups = g.n_q // g.n_kv
             q = list(map(float, scores["q"][li]))
             for k in range(g.n_kv):
@@ -257,11 +235,133 @@ class WidthPruner:
         remove_ch = sorted(sorted(range(g.channels), key=lambda j: (ch[j], j))[:n_ch])
         return {"remove_q": remove_q, "remove_kv": remove_kv, "remove_channels": remove_ch}
 
-    def _flap_select(self, geo: list[LayerGeometry], scores: dict, need: int) -> dict[int, dict]:
+    def allocate(self, geo: list[LayerGeometry], scores: dict, budget: Budget,
+                 structural: bool) -> tuple[dict[int, dict], dict | None]:
+        """(per-layer removal specs, the uniform counts): the same head units and channels from every prunable
+        layer, the lowest-scoring ones, counts solved for the budget."""
+        counts = self.solve_counts(geo, budget.dense_params, self.target(budget))
+        layers = {li: self._select_layer(li, geo[li], scores, c) for li, c in counts.items()}
+        first, (h, c) = next(iter(counts.items()))  # uniform: every prunable layer has the same counts
+        return layers, {"head_units": h, "head_fraction": h / head_units(geo[first], self.head_mode)[0],
+                        "channels": c, "channel_fraction": c / geo[first].channels}
+
+    def plan(self, scores: dict | None, budget: Budget, model=None) -> WidthPlan:
+        """Per-layer heads and channels to remove. scores=None (shape-only): the uniform allocation matched to the
+        budget (LLM-Pruner's structure; FLAP too, whose adaptive structure needs data) with the lowest-index
+        units removed and no compensation biases."""
+        self.resolve_head_mode(model)
+        geo = model_geometry(model)
+        target = self.target(budget)
+        structural = scores is None
+        if structural:
+            scores = {unit: [[0.0] * n for n in sizes] for unit, sizes in
+                      (("q", [g.n_q for g in geo]), ("kv", [g.n_kv for g in geo]), ("channel", [g.channels for g in geo]))}
+            layers, uniform = WidthPruner.allocate(self, geo, scores, budget, structural)
+        else:
+            layers, uniform = self.allocate(geo, scores, budget, structural)
+        predicted = budget.dense_params - sum(
+            geo[li].q_params * len(s["remove_q"]) + geo[li].kv_params * len(s["remove_kv"])
+            + geo[li].channel_params * len(s["remove_channels"])
+            - (geo[li].hidden if s.get("o_bias_mean") and not geo[li].o_bias else 0)
+            - (geo[li].hidden if s.get("down_bias_mean") and not geo[li].down_bias else 0)
+            for li, s in layers.items())
+        return WidthPlan(criterion=None if structural else self.criterion, head_mode=self.head_mode,
+                         round_to=self.round_to, budget_match=self.budget_match, uniform=uniform,
+                         target_params=target, predicted_params=predicted, gap_params=predicted - target,
+                         budget_matched=is_matched(budget, predicted, target),
+                         layers={str(li): s for li, s in layers.items() if s["remove_q"] or s["remove_channels"]})
+
+    # --- mutating ------------------------------------------------------------------------------------------
+
+    def apply(self, model, plan: WidthPlan):
+        return apply_width_plan(model, plan)
+
+
+@register("llm_pruner")
+@dataclass
+class LLMPruner(WidthPruner):
+    """LLM-Pruner: Taylor importance of each head and channel over the weights it owns, uniform per layer."""
+
+    criterion: ClassVar[str] = "llm_pruner"
+    taylor: str = "param_first"   # element salience: param_first, param_second, param_mix, vectorize
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.taylor not in wc.TAYLOR_VARIANTS:
+            raise BenchError(f"method.taylor={self.taylor!r}: allowed values are {', '.join(wc.TAYLOR_VARIANTS)}")
+
+    def score_key(self, budget=None, model=None) -> dict:
+        return super().score_key(budget, model) | {"taylor": self.taylor}
+
+    def score(self, model, calib_ids, budget=None) -> dict:
+        return wc.taylor_scores(model, calib_ids, self.taylor)
+
+
+@register("magnitude_width")
+@dataclass
+class MagnitudeWidth(WidthPruner):
+    """Data-free L2 magnitude of each head and channel (torch-pruning's LLM example), uniform per layer."""
+
+    criterion: ClassVar[str] = "magnitude"
+    needs_calib: ClassVar[bool] = False
+
+    def score(self, model, calib_ids, budget=None) -> dict:
+        return wc.magnitude_scores(model)
+
+
+@register("wanda_sp")
+@dataclass
+class WandaSP(WidthPruner):
+    """Wanda-sp: |W| x ||X|| per o_proj / down_proj input channel, uniform, layers scored and pruned in sequence
+    (so the scores depend on the counts, which the budget fixes)."""
+
+    criterion: ClassVar[str] = "wanda_sp"
+
+    def remove_count(self, n: int, r: float) -> int:
+        """Wanda-sp removes int(r n) (FLAP repo's thresholds)."""
+        return int(r * n)
+
+    def score_key(self, budget=None, model=None) -> dict:
+        counts = self.solve_counts(model_geometry(model), budget.dense_params, self.target(budget))
+        return super().score_key(budget, model) | {"counts": sorted(counts.items())}
+
+    def score(self, model, calib_ids, budget=None) -> dict:
+        self.resolve_head_mode(model)
+        geo = model_geometry(model)
+        counts = self.solve_counts(geo, budget.dense_params, self.target(budget))
+
+        def select(li, scores):
+            spec = self._select_layer(li, geo[li], scores, counts.get(li, (0, 0)))
+            return head_rows(spec["remove_q"], geo[li].head_dim), torch.tensor(spec["remove_channels"],
+                                                                                  dtype=torch.long)
+        return wc.wanda_sp_scores(model, calib_ids, select, self.batch_size)
+
+
+@register("flap")
+@dataclass
+class FLAP(WidthPruner):
+    """FLAP: fluctuation metric, adaptive structure across layers (AL-AM), bias compensation."""
+
+    criterion: ClassVar[str] = "flap"
+    head_reduce: ClassVar[str] = "mean"  # FLAP's head score is a mean over its channels
+    bias: bool = True                    # bias compensation
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.head_mode == "q_heads":
+            raise BenchError("method.head_mode=q_heads: flap's adaptive structure removes whole key/value groups; "
+                             "allowed values for flap are kv_groups")
+
+    def score(self, model, calib_ids, budget=None) -> dict:
+        return wc.flap_scores(model, calib_ids, self.batch_size)
+
+    def allocate(self, geo, scores, budget, structural):
         """FLAP's AL-AM: the head units and channels of all layers ranked together by standardised score and
         removed lowest first, each weighted by its parameters (FLAP's 512/3 per MHA head of LLaMA-7B, in general
         params(unit) / params(channel)), stopping where the removed parameters, net of the compensation biases
-        the pruned modules gain, come closest to `need`. A layer keeps at least one head unit and one channel."""
+        the pruned modules gain, come closest to the budget. A layer keeps at least one head unit and one
+        channel. Each pruned module gets the mean inputs of its removed columns (the compensation bias)."""
+        need = budget.dense_params - self.target(budget)
         units = {li: self._unit_scores(li, geo[li], scores) for li in self.layers(len(geo))}
         ranked = sorted([(u[0], 0, li, k) for li, us in units.items() for k, u in enumerate(us)]
                         + [(float(x), 1, li, j) for li in units for j, x in enumerate(scores["channel"][li])])
@@ -286,50 +386,11 @@ class WidthPruner:
             else:
                 out[li]["remove_q"] += units[li][idx][1]
                 out[li]["remove_kv"] += units[li][idx][2]
-        return {li: {k: sorted(v) for k, v in spec.items()} for li, spec in out.items()}
-
-    def plan(self, scores: dict | None, budget: Budget, model=None) -> dict:
-        """Per-layer heads and channels to remove. scores=None (shape-only): the uniform allocation matched to the
-        budget (LLM-Pruner's structure; FLAP too, whose adaptive structure needs data) with the lowest-index
-        units removed and no compensation biases."""
-        self.resolve_head_mode(model)
-        geo = model_geometry(model)
-        target = self.target(budget)
-        structural = scores is None
-        if structural:
-            scores = {unit: [[0.0] * n for n in sizes] for unit, sizes in
-                      (("q", [g.n_q for g in geo]), ("kv", [g.n_kv for g in geo]), ("channel", [g.channels for g in geo]))}
-        if self.criterion == "flap" and not structural:
-            need = budget.dense_params - target
-            layers = self._flap_select(geo, scores, need)
-            ratio_used = None
-        else:
-            counts = self.solve_counts(geo, budget.dense_params, target)
-            layers = {li: self._select_layer(li, geo[li], scores, c) for li, c in counts.items()}
-            first, (h, c) = next(iter(counts.items()))  # uniform: every prunable layer has the same counts
-            ratio_used = {"head_units": h, "head_fraction": h / head_units(geo[first], self.head_mode)[0],
-                          "channels": c, "channel_fraction": c / geo[first].channels}
+        layers = {li: {k: sorted(v) for k, v in spec.items()} for li, spec in out.items()}
         for li, spec in layers.items():
-            if self.criterion == "flap" and self.bias and not structural:
+            if self.bias:
                 cols = head_rows(spec["remove_q"], geo[li].head_dim).tolist()
                 spec["o_bias_mean"] = [scores["o_mean"][li][j] for j in cols] if cols else None
                 spec["down_bias_mean"] = ([scores["down_mean"][li][j] for j in spec["remove_channels"]]
                                           if spec["remove_channels"] else None)
-        predicted = budget.dense_params - sum(
-            geo[li].q_params * len(s["remove_q"]) + geo[li].kv_params * len(s["remove_kv"])
-            + geo[li].channel_params * len(s["remove_channels"])
-            - (geo[li].hidden if s.get("o_bias_mean") and not geo[li].o_bias else 0)
-            - (geo[li].hidden if s.get("down_bias_mean") and not geo[li].down_bias else 0)
-            for li, s in layers.items())
-        gap = predicted - target
-        return {"kind": "width", "criterion": None if structural else self.criterion, "head_mode": self.head_mode,
-                "round_to": self.round_to, "budget_match": self.budget_match, "uniform": ratio_used,
-                "target_params": target, "predicted_params": predicted, "gap_params": gap,
-                "budget_matched": is_matched(budget, predicted, target),
-                "layers": {str(li): s for li, s in layers.items() if s["remove_q"] or s["remove_channels"]}}
-
-    # --- mutating ------------------------------------------------------------------------------------------
-
-    def apply(self, model, plan: dict):
-        return apply_width_plan(model, plan)
-
+        return layers, None

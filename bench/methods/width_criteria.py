@@ -15,6 +15,7 @@ import torch
 
 from bench.methods.grads import backward_folded
 from bench.models import decoder_layers
+from bench.progress import bar
 
 ROWS, COLS = 1, 0  # reduce a weight over its inputs (one score per output row) or over its outputs (per column)
 
@@ -85,7 +86,7 @@ def taylor_scores(model, ids: torch.Tensor, variant: str = "param_first") -> dic
     if variant == "param_mix":
         backward_folded(model, ids, {w: (lambda g, w=w: grads.__setitem__(w, g.detach().float().clone()))
                                      for _, w, _, _, _ in owned})
-    for sample in ids:  # per-sample gradients: A = sum_j g_j^2 / N
+    for sample in bar(ids, desc=f"taylor {variant}", unit="sample"):  # per-sample gradients: A = sum_j g_j^2 / N
         backward_folded(model, sample[None], {w: (lambda g, w=w: sq.__setitem__(w, sq.get(w, 0) + g.float() ** 2))
                                               for _, w, _, _, _ in owned})
     for li, w, dim, kind, d in owned:
@@ -100,7 +101,7 @@ def magnitude_scores(model) -> dict:
     """Data-free L2 magnitude (torch-pruning GroupMagnitudeImportance(p=2, group_reduction="mean")): per weight
     the sum of squares over a unit's elements, averaged over the weights the unit owns."""
     scores = _empty(model)
-    for li, layer in enumerate(decoder_layers(model)):
+    for li, layer in enumerate(bar(decoder_layers(model), desc="magnitude", unit="layer")):
         d = geometry(layer)[2]
         coupled = _coupled(layer)
         for kind in ("q", "kv", "channel"):
@@ -164,7 +165,7 @@ def wanda_sp_scores(model, ids: torch.Tensor, select, batch_size: int = 16) -> d
     batches = layer_inputs(model, ids, batch_size)
     masks = []
     try:
-        for li, layer in enumerate(layers):
+        for li, layer in enumerate(bar(layers, desc="wanda-sp", unit="layer")):
             n_q, n_kv, d = geometry(layer)
             seen = {"o": [], "down": []}
             hooks = [layer.self_attn.o_proj.register_forward_pre_hook(_input_hook(seen["o"])),
@@ -224,7 +225,7 @@ def flap_scores(model, ids: torch.Tensor, batch_size: int = 16) -> dict:
         hooks += [layer.self_attn.o_proj.register_forward_pre_hook(o),
                   layer.mlp.down_proj.register_forward_pre_hook(down)]
     try:
-        for batch in ids.split(batch_size):
+        for batch in bar(ids.split(batch_size), desc="flap stats", unit="batch"):
             model(batch.to(model.device), use_cache=False, logits_to_keep=1)
     finally:
         for h in hooks:
