@@ -115,7 +115,8 @@ def from_json(data: dict[str, Any]) -> Plan:
     fields = {k: v for k, v in data.items() if k != "kind"}
     unknown = sorted(set(fields) - names)
     if unknown:
-        raise BenchError(f"plan key {unknown[0]!r} is not a field of a {kind} plan; allowed: {', '.join(sorted(names))}")
+        raise BenchError(f"plan key {unknown[0]!r} is not a field of a {kind} plan; allowed: "
+                         f"{', '.join(sorted(names))}")
     if kind == "slice" and fields.get("rotations") is not None:
         summarised = any(isinstance(r, dict) for r in fields["rotations"].values())
         fields["rotations"] = None if summarised else fields["rotations"]

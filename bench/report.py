@@ -160,9 +160,11 @@ def _each(rows: pd.DataFrame, fmt, sep: str = "; ", empty: str = NOT_RECORDED) -
 
 
 def _calibration(r: dict) -> str:
-    """A pruned cell's calibration set (the runner records it per cell; older records lack it)."""
-    if _v(r, "calibration") == NOT_RECORDED:
-        return NOT_RECORDED
+    """A pruned cell's calibration set (the runner records it per cell; older records lack it): `none` for a
+    data-free criterion, `plan_file` for a plan replayed from a file."""
+    kind = _v(r, "calibration")
+    if kind in (NOT_RECORDED, "none", "plan_file"):
+        return {"none": "none (data-free criteria)", "plan_file": "the plan file's"}.get(kind, kind)
     return (f"{_v(r, 'calibration')}, {_v(r, 'calib_dataset')} {_v(r, 'calib_n_samples')} x "
             f"{_v(r, 'calib_seq_len')} tokens, seed {_v(r, 'calib_seed')} ({_v(r, 'calib_source')})")
 

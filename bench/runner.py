@@ -168,7 +168,8 @@ def prune(cfg, method, model, tokenizer, budget, out: Path, timing: dict) -> tup
     if cfg.get("plan_file") or cfg.get("shape_only"):
         plan = (saved_plan(cfg.plan_file, method, budget, structure_only=bool(cfg.get("shape_only")))
                 if cfg.get("plan_file") else method.plan(None, budget, model))
-        return _apply(method, model, plan, timing), {"plan_file": cfg.get("plan_file"), "calibration": None}
+        return _apply(method, model, plan, timing), {"plan_file": cfg.get("plan_file"),
+                                                      "calibration": "plan_file" if cfg.get("plan_file") else "none"}
     calib_ids, calib_source, calib = None, None, calib_spec(cfg, method)
     if calib is not None:
         calib_ids, calib_source = calibration_ids(tokenizer, calib.dataset, calib.n_samples, calib.seq_len,
@@ -181,7 +182,7 @@ def prune(cfg, method, model, tokenizer, budget, out: Path, timing: dict) -> tup
     timing["score_s"] = time.perf_counter() - t0
     log.info("scores %s in %.1f s", "from cache" if hit else "computed", timing["score_s"])
     write_atomic(out / "scores.csv", scores_csv(scores))
-    facts = {"plan_file": None, "calibration": cfg.calibration if calib else None, "scores_cached": hit}
+    facts = {"plan_file": None, "calibration": cfg.calibration if calib else "none", "scores_cached": hit}
     if calib:
         facts |= {f"calib_{k}": v for k, v in vars(calib).items()} | {"calib_source": calib_source}
     return _apply(method, model, method.plan(scores, budget, model), timing), facts

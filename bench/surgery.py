@@ -184,7 +184,7 @@ def _stock_sizes(config, sizes: set[tuple[int, int, int]], head_dim: int) -> dic
             "head_dim": head_dim}
     try:
         type(config).from_dict(config.to_dict() | keys)
-    except (ValueError, TypeError, StrictDataclassError):  # the class's own validation: no stock config describes these sizes
+    except (ValueError, TypeError, StrictDataclassError):  # the class's own validation: no stock config fits
         return None
     return keys
 

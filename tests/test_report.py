@@ -129,6 +129,12 @@ def test_caption_names_what_was_measured(tmp_path):
                  "value ± stderr", "bold"):
         assert part in text, part
     assert NOT_RECORDED not in text
+    (tmp_path / "c").mkdir()  # a data-free criterion: no calibration set
+    (tmp_path / "c" / "records.jsonl").write_text("".join(
+        json.dumps(r | PROVENANCE | {"calibration": "none", "seq_len": 128, "prompt_tokens": 11}) + "\n"
+        for r in rows("magnitude_width", "width", 0.2, 800, 60.0, 0.3)))
+    text = caption(load_records(tmp_path))
+    assert "(local:calibration/novel.txt); none (data-free criteria)." in text
     md, tex, _ = write_tables(tmp_path)
     assert md.read_text().startswith(text + "\n| model")  # the caption paragraph, a blank line, the table
     assert "".join(f"% {line}\n" for line in text.splitlines()) in tex.read_text()

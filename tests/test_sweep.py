@@ -124,8 +124,8 @@ def test_example_user_method_runs_through_a_sweep(tmp_path, data_root):
 def test_method_impl_errors_are_one_line():
     from bench.methods import build_method
 
-    with pytest.raises(BenchError, match="method.impl='nope': allowed values are angular, block_influence, dense, .* or "
-                                         "module:Class"):
+    with pytest.raises(BenchError, match="method.impl='nope': allowed values are angular, block_influence, "
+                                         "dense, .* or module:Class"):
         build_method({"impl": "nope"})
     with pytest.raises(BenchError, match="cannot import Nope from bench.methods.random_blocks"):
         build_method({"impl": "bench.methods.random_blocks:Nope"})
@@ -149,3 +149,22 @@ def test_every_sweep_cell_composes(sweep):
         method, ratio, out = cell(cfg)
         labels.add(out.relative_to(cfg.out_dir).as_posix())
     assert len(labels) >= 1
+
+
+def test_no_committed_records_where_a_sweep_writes():
+    """A fresh clone's `make sweep` computes its cells: nothing is committed under results/<sweep>/ for any sweep
+    config (the reference results live in results/reference/, where no sweep writes), and git ignores what a
+    sweep writes there."""
+    root = CONF_DIR.parents[1]
+    if not (root / ".git").exists():
+        pytest.skip("not a git checkout")
+    git = ["git", "-C", str(root)]
+    for sweep in sorted(p.stem for p in (CONF_DIR / "sweep").glob("*.yaml")):
+        out = compose([f"+sweep={sweep}"]).out_dir
+        assert out != "results/reference" and not out.startswith("results/reference/"), sweep
+        tracked = subprocess.run([*git, "ls-files", out], capture_output=True, text=True, check=True).stdout
+        assert tracked == "", f"{sweep}: committed files under {out}: {tracked.splitlines()[:3]}"
+        probe = f"{out}/smollm2-135m/dense/r0/records.jsonl"
+        assert subprocess.run([*git, "check-ignore", "-q", probe]).returncode == 0, f"{probe} is not ignored"
+    reference = subprocess.run([*git, "ls-files", "results/reference"], capture_output=True, text=True).stdout
+    assert "results/reference/default/tables/main.md" in reference

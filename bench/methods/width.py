@@ -254,8 +254,8 @@ class WidthPruner:
         target = self.target(budget)
         structural = scores is None
         if structural:
-            scores = {unit: [[0.0] * n for n in sizes] for unit, sizes in
-                      (("q", [g.n_q for g in geo]), ("kv", [g.n_kv for g in geo]), ("channel", [g.channels for g in geo]))}
+            sizes = {"q": [g.n_q for g in geo], "kv": [g.n_kv for g in geo], "channel": [g.channels for g in geo]}
+            scores = {unit: [[0.0] * n for n in ns] for unit, ns in sizes.items()}
             layers, uniform = WidthPruner.allocate(self, geo, scores, budget, structural)
         else:
             layers, uniform = self.allocate(geo, scores, budget, structural)
