@@ -6,6 +6,7 @@ parameters left after removing those blocks are the target every method is match
 they come from the model's own parameters (a meta-device model when only the config is known).
 
     python -m bench.budget model=llama-7b ratio=0.2
+    python -m bench.budget model=llama-7b ratio=0.25 method=llm_pruner protocol=native   # + that method's plan
 """
 
 from __future__ import annotations
@@ -82,16 +83,29 @@ def _main(argv: list[str]) -> None:
     from bench.config import compose
     from bench.models import build_from_config, hf_config
 
+    from bench.methods import build_method
+
     cfg = compose(argv)
     if cfg.model.get("arch") is None:
         raise BenchError(f"model={cfg.model.name}: no `arch` in its config, so its budget needs the checkpoint")
-    budget = resolve_budget(build_from_config(hf_config(cfg.model)), float(cfg.ratio))
+    model = build_from_config(hf_config(cfg.model))
+    budget = resolve_budget(model, float(cfg.ratio))
     rows = {"dense_params": budget.dense_params, "n_blocks": budget.n_blocks,
             "params_per_block": budget.params_per_block, "remove_blocks": budget.remove_blocks,
             "params_after": budget.target_params} | achieved(budget, budget.target_params)
     del rows["params"]
+    method = build_method(cfg.method, cfg.protocol)
+    if method.prunes:  # the method's structural plan (no data): its parameter count under this protocol
+        method.check(budget, model)
+        plan = method.plan(None, budget, model)
+        rows |= {f"{method.label}_params": plan.predicted_params,
+                 f"{method.label}_removed_frac_block_params": achieved(budget, plan.predicted_params)[
+                     "removed_frac_block_params"]}
+        if getattr(plan, "uniform", None):
+            rows |= {f"{method.label}_{k}": v for k, v in plan.uniform.items()}
     width = max(len(k) for k in rows)
-    print(f"{cfg.model.name} ratio={cfg.ratio}")
+    print(f"{cfg.model.name} ratio={cfg.ratio} protocol={cfg.protocol}" +
+          (f" method={method.label}" if method.prunes else ""))
     for key, value in rows.items():
         print(f"  {key:<{width}}  {value:.4f}" if isinstance(value, float) else f"  {key:<{width}}  {value}")
 

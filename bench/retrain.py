@@ -11,6 +11,26 @@ merged into the weights (merge_and_unload), so the evaluated model has exactly t
 
 Data: the hub's yahma/alpaca-cleaned, or offline the first 5000 records of the same file in the data root
 (alpaca/alpaca_cleaned_first5000.json).
+
+`protocol` (the run's top-level key) picks how the loop follows Shortened LLaMA's src/lora_retrain.py, which runs
+the HF Trainer of its pinned transformers==4.40.1 (requirement.txt); the loop stays hand-written under both:
+
+    matched  (default) the loss of a global batch is the mean over all its label tokens (every token weighs the
+             same); the validation split is our own seeded shuffle; the validation loss is evaluated every
+             `eval_steps` and at the last step, and the adapter with the lowest one is kept
+    native   as lora_retrain.py under 4.40.1 (NATIVE_RULES): each micro-batch's mean token loss / grad_accum,
+             summed (accelerate's backward under the Trainer: the mean over micro-batches, whatever their token
+             counts; 4.46 later moved to num_items_in_batch); the split of train_test_split(test_size=val_size,
+             shuffle=True, seed=42), i.e. numpy's default_rng(42).permutation; micro-batches from a per-epoch
+             shuffle, accumulated across epoch boundaries, floor(micro-batches / grad_accum) steps per epoch;
+             warm-up lora.warmup_steps uncapped; gradients clipped to norm 1.0 (max_grad_norm); fp16 weights get
+             a GradScaler (fp16=True); validation loss (batches of 8, per_device_eval_batch_size) every
+             `eval_steps`, a checkpoint every `save_steps` (200), and load_best_model_at_end keeps the saved
+             checkpoint with the HIGHEST validation loss: metric_for_best_model="yahma/alpaca-cleaned_loss" is
+             not "loss"/"eval_loss", so 4.40.1 sets greater_is_better=True (fixed later by transformers PR
+             #31142). No saved checkpoint evaluated (a run under save_steps): the last adapter.
+
+retrain.json records the protocol, the rules that ran (`rules`) and, under native, what still departs.
 """
 
 from __future__ import annotations
@@ -22,6 +42,7 @@ import random
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from bench import BenchError
@@ -34,6 +55,26 @@ LOCAL_ALPACA = "alpaca/alpaca_cleaned_first5000.json"
 PROMPT_INPUT = ("Below is an instruction that describes a task, paired with an input that provides further context. "
                 "Write a response that appropriately completes the request.\n\n"
                 "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n")
+# What lora_retrain.py's TrainingArguments leave at transformers 4.40.1's defaults, and what its choices imply.
+NATIVE_RULES = {"loss_average": "per micro-batch (mean of micro-batch token means)", "max_grad_norm": 1.0,
+                "eval_batch": 8, "eval_at_last_step": False, "candidates": "evaluated steps that are save steps",
+                "keep": "highest validation loss (4.40.1 greater_is_better=True for 'yahma/alpaca-cleaned_loss')",
+                "split": "numpy default_rng(42).permutation: first val_size = validation",
+                "steps_per_epoch": "floor(ceil(train / micro_batch) / grad_accum)", "warmup": "warmup_steps"}
+MATCHED_RULES = {"loss_average": "per token (mean over all label tokens of the global batch)", "max_grad_norm": None,
+                 "eval_batch": "micro_batch", "eval_at_last_step": True, "candidates": "every evaluated step",
+                 "keep": "lowest validation loss", "split": "random.Random(42).shuffle: first val_size = validation",
+                 "steps_per_epoch": "ceil(train / global batch)", "warmup": "min(warmup_steps, steps // 10)"}
+NATIVE_DEPARTURES = [
+    "example order: our seeded shuffle per epoch, not the Trainer's RandomSampler (seed 42) over datasets' "
+    "unseeded .shuffle() of the split; the validation examples in split order, not .shuffle()d",
+    "padding: right padding to the longest in the micro-batch, not DataCollatorForSeq2Seq's left padding to a "
+    "multiple of 8 (the same loss under RoPE and the attention mask, other rounding)",
+    "LoRA: the installed peft (adapters in fp32 on a half-precision model), not the vendored PEFT 0.2 copy; no "
+    "torch.autocast: the model trains in the cell's dtype, an fp16 one with a GradScaler",
+    "an epoch shorter than one global batch is not stepped early (the Trainer's is_last_step_and_steps_less_than_"
+    "grad_acc case)",
+    "checkpoints are kept in memory (adapter weights), not written every save_steps"]
 PROMPT_NO_INPUT = ("Below is an instruction that describes a task. Write a response that appropriately completes the "
                    "request.\n\n### Instruction:\n{instruction}\n\n### Response:\n")
 
@@ -91,14 +132,62 @@ def _loss_sum(model, batch) -> tuple[torch.Tensor, int]:
 
 
 @torch.no_grad()
-def _val_loss(model, val: list[dict], micro_batch: int, pad_id: int) -> float:
+def _val_loss(model, val: list[dict], micro_batch: int, pad_id: int, per_batch: bool = False) -> float:
+    """Validation loss: the mean over all label tokens, or (`per_batch`, the Trainer's evaluation_loop) each
+    batch's mean token loss repeated once per example, averaged over the examples."""
     model.eval()
     total, count = 0.0, 0
     for i in range(0, len(val), micro_batch):
-        loss, n = _loss_sum(model, _batch(val[i:i + micro_batch], pad_id, model.device))
-        total, count = total + float(loss), count + n
+        rows = val[i:i + micro_batch]
+        loss, n = _loss_sum(model, _batch(rows, pad_id, model.device))
+        if per_batch:
+            total, count = total + len(rows) * float(loss) / max(n, 1), count + len(rows)
+        else:
+            total, count = total + float(loss), count + n
     model.train()
     return total / max(count, 1)
+
+
+def accumulate(model, encoded: list[dict], native: bool, scaler=None) -> float:
+    """Backpropagate one global batch, given as its micro-batches, and return its loss. matched: the summed token
+    loss over all the micro-batches' label tokens (every token weighs the same). native: each micro-batch's own
+    mean token loss / the number of micro-batches, i.e. the mean of the micro-batch means (lora_retrain.py's
+    Trainer under transformers 4.40.1: LlamaForCausalLM's mean loss, divided by grad_accum in accelerate's
+    backward), so a short micro-batch's tokens weigh more; `scaler` (fp16) scales each part first."""
+    n_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in encoded)
+    total = 0.0
+    for b in encoded:
+        loss, n = _loss_sum(model, b)
+        if native:
+            part = loss / max(n, 1) / len(encoded)
+            (scaler.scale(part) if scaler else part).backward()
+            total += float(part.detach())
+        else:
+            (loss / max(n_tokens, 1)).backward()
+            total += float(loss.detach())
+    return total if native else total / max(n_tokens, 1)
+
+
+def split(n: int, n_val: int, native: bool, rng: random.Random) -> tuple[list[int], list[int]]:
+    """(validation, train) indices of n records. native: datasets 2.14.5's train_test_split(test_size=n_val,
+    shuffle=True, seed=42) (arrow_dataset.py: np.random.default_rng(42).permutation(n), the first n_val are the
+    test split); matched: a shuffle by `rng` (random.Random(42), which then draws the training order)."""
+    if native:
+        order = np.random.default_rng(42).permutation(n).tolist()
+    else:
+        order = list(range(n))
+        rng.shuffle(order)
+    return order[:n_val], order[n_val:]
+
+
+def native_stream(n: int, micro_batch: int, rng: random.Random):
+    """Micro-batches of train indices as the Trainer's dataloader yields them: every epoch a fresh shuffle cut
+    into micro-batches (the last may be short), endlessly; 4.40.1 steps after every grad_accum-th micro-batch
+    counted over the whole run (total_batched_samples), so a global batch can span an epoch boundary."""
+    while True:
+        order = list(range(n))
+        rng.shuffle(order)
+        yield from (order[i:i + micro_batch] for i in range(0, n, micro_batch))
 
 
 def lora_retrain(model, tokenizer, cfg) -> tuple[torch.nn.Module, dict]:
@@ -108,66 +197,90 @@ def lora_retrain(model, tokenizer, cfg) -> tuple[torch.nn.Module, dict]:
     from transformers import get_linear_schedule_with_warmup
 
     lc = cfg.lora
+    native = cfg.get("protocol", "matched") == "native"
     records, source = alpaca_records(cfg.get("data_root") or None)
     if lc.get("n_records"):
         records = records[:int(lc.n_records)]
-    rng = random.Random(42)  # the official train_test_split(test_size=2000, seed=42), in our own shuffle
-    order = list(range(len(records)))
-    rng.shuffle(order)
+    rng = random.Random(42)  # matched: the split's shuffle, then the training order; native: the training order
     n_val = min(int(lc.val_size), len(records) // 2)
-    val = [encode(tokenizer, records[i], lc.cutoff_len) for i in order[:n_val]]
-    train = [encode(tokenizer, records[i], lc.cutoff_len) for i in order[n_val:]]
+    val_idx, train_idx = split(len(records), n_val, native, rng)
+    val = [encode(tokenizer, records[i], lc.cutoff_len) for i in val_idx]
+    train = [encode(tokenizer, records[i], lc.cutoff_len) for i in train_idx]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
     peft_model = get_peft_model(model, LoraConfig(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout, bias="none",
                                                   target_modules=list(lc.target_modules), task_type="CAUSAL_LM"))
     batch = lc.micro_batch * lc.grad_accum
-    steps_per_epoch = math.ceil(len(train) / batch)
-    steps = int(lc.max_steps) if lc.get("max_steps") else int(lc.epochs * steps_per_epoch)
+    if native:  # Trainer._inner_training_loop: len(dataloader) // grad_accum per epoch, ceil(epochs x that)
+        steps_per_epoch = max(math.ceil(len(train) / lc.micro_batch) // lc.grad_accum, 1)
+        epoch_steps = math.ceil(lc.epochs * steps_per_epoch)
+    else:
+        steps_per_epoch = math.ceil(len(train) / batch)
+        epoch_steps = int(lc.epochs * steps_per_epoch)
+    steps = int(lc.max_steps) if lc.get("max_steps") else epoch_steps
+    eval_steps, save_steps = int(lc.eval_steps or 0), int(lc.get("save_steps") or 0)
+    if native and eval_steps and save_steps % eval_steps:
+        raise BenchError(f"lora.save_steps={save_steps}: under protocol=native it must be a multiple of "
+                         f"lora.eval_steps={eval_steps} (load_best_model_at_end requires it)")
     params = [p for p in peft_model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lc.lr, weight_decay=0.0)
-    sched = get_linear_schedule_with_warmup(opt, min(lc.warmup_steps, steps // 10), steps)
+    warmup = int(lc.warmup_steps) if native else min(lc.warmup_steps, steps // 10)
+    sched = get_linear_schedule_with_warmup(opt, warmup, steps)
+    fp16 = native and peft_model.device.type == "cuda" and any(p.dtype == torch.float16 for p in model.parameters())
+    scaler = torch.amp.GradScaler("cuda") if fp16 else None
     peft_model.train()
     torch.manual_seed(int(cfg.seed))
     t0, losses, val_losses, best = time.perf_counter(), [], [], None
-    epoch_order = []
+    epoch_order, stream = [], native_stream(len(train), lc.micro_batch, rng) if native else None
     for step in bar(range(steps), desc="lora", unit="step"):
-        if len(epoch_order) < batch:
-            shuffled = list(range(len(train)))
-            rng.shuffle(shuffled)
-            epoch_order += shuffled
-        idx, epoch_order = epoch_order[:batch], epoch_order[batch:]
-        micro = [[train[i] for i in idx[j:j + lc.micro_batch]] for j in range(0, batch, lc.micro_batch)]
-        encoded = [_batch(m, pad_id, peft_model.device) for m in micro]
-        n_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in encoded)
-        total = 0.0
-        for b in encoded:
-            loss, _ = _loss_sum(peft_model, b)
-            (loss / max(n_tokens, 1)).backward()
-            total += float(loss.detach())
-        opt.step()
+        if native:
+            micro = [[train[i] for i in next(stream)] for _ in range(lc.grad_accum)]
+        else:
+            if len(epoch_order) < batch:
+                shuffled = list(range(len(train)))
+                rng.shuffle(shuffled)
+                epoch_order += shuffled
+            idx, epoch_order = epoch_order[:batch], epoch_order[batch:]
+            micro = [[train[i] for i in idx[j:j + lc.micro_batch]] for j in range(0, batch, lc.micro_batch)]
+        loss = accumulate(peft_model, [_batch(m, pad_id, peft_model.device) for m in micro], native, scaler)
+        if native:
+            if scaler:
+                scaler.unscale_(opt)
+            torch.nn.utils.clip_grad_norm_(params, NATIVE_RULES["max_grad_norm"])
+        if scaler:
+            scaler.step(opt)
+            scaler.update()
+        else:
+            opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
-        losses.append(total / max(n_tokens, 1))
-        last = step + 1 == steps
-        if val and lc.eval_steps and ((step + 1) % lc.eval_steps == 0 or last):
-            v = _val_loss(peft_model, val, lc.micro_batch, pad_id)
-            val_losses.append({"step": step + 1, "loss": v})
-            if best is None or v < best[0]:
-                best = (v, step + 1, {k: t.detach().clone() for k, t in peft_model.state_dict().items()
-                                      if "lora_" in k})
-            log.info("lora step %d/%d: train %.4f, val %.4f", step + 1, steps, losses[-1], v)
-        elif (step + 1) % 10 == 0 or last:
-            log.info("lora step %d/%d: train %.4f", step + 1, steps, losses[-1])
+        losses.append(loss)
+        done, last = step + 1, step + 1 == steps
+        evaluate = bool(val and eval_steps) and (done % eval_steps == 0 or (last and not native))
+        if evaluate:
+            v = _val_loss(peft_model, val, NATIVE_RULES["eval_batch"] if native else lc.micro_batch, pad_id,
+                          per_batch=native)
+            val_losses.append({"step": done, "loss": v})
+            candidate = not native or (save_steps > 0 and done % save_steps == 0)
+            better = best is None or (v > best[0] if native else v < best[0])
+            if candidate and better:
+                best = (v, done, {k: t.detach().clone() for k, t in peft_model.state_dict().items() if "lora_" in k})
+            log.info("lora step %d/%d: train %.4f, val %.4f", done, steps, losses[-1], v)
+        elif done % 10 == 0 or last:
+            log.info("lora step %d/%d: train %.4f", done, steps, losses[-1])
     if best is not None and best[1] != steps:
         peft_model.load_state_dict(best[2], strict=False)
     merged = peft_model.merge_and_unload()
     merged.eval()
     for p in merged.parameters():
         p.requires_grad_(False)
-    summary = {"retrain": "lora", "data_source": source, "train_records": len(train), "val_records": len(val),
-               "steps": steps, "global_batch": batch, "train_loss": losses, "val_loss": val_losses,
-               "selected_step": best[1] if best else steps, "train_s": time.perf_counter() - t0}
+    rules = dict(NATIVE_RULES if native else MATCHED_RULES, eval_steps=eval_steps or None,
+                 save_steps=(save_steps or None) if native else None, warmup_steps=warmup)
+    summary = {"retrain": "lora", "protocol": "native" if native else "matched", "rules": rules,
+               "departures": list(NATIVE_DEPARTURES) if native else [], "data_source": source,
+               "train_records": len(train), "val_records": len(val), "steps": steps, "global_batch": batch,
+               "train_loss": losses, "val_loss": val_losses, "selected_step": best[1] if best else steps,
+               "train_s": time.perf_counter() - t0}
     return merged, summary
 
 

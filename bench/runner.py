@@ -27,6 +27,7 @@ Writes to <out_dir>/<model>/<method>/r<ratio>/ (dense: r0):
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import io
 import json
@@ -51,7 +52,7 @@ from bench.evals.cost import cost_notice
 from bench.methods import build_method
 from bench.methods.base import CalibSpec
 from bench.plans import Plan
-from bench.models import count_params, load_model, weight_sums
+from bench.models import DTYPES, count_params, load_model, resolve_device, weight_sums
 from bench.records import (ERROR, PARTIAL, RECORDS, Progress, fingerprint, write_atomic, write_json,
                            write_records)
 from bench.retrain import RETRAIN, retrain
@@ -126,14 +127,24 @@ _BASE: dict[str, tuple] = {}
 QUALITY_FREE_STAGES = ("speed",)  # the stages that mean something on random weights
 
 
+def run_dtype(cfg) -> str:
+    """The dtype the cell evaluates in: `dtype=auto` is bf16 on CUDA under protocol=matched, and fp16 under
+    protocol=native, as the originals load, evaluate and time their models (shortened-llm src/utils.py
+    `set_model_device_evalmode`: .half() on cuda); fp32 on a CPU either way."""
+    if cfg.dtype == "auto" and cfg.get("protocol") == "native" and resolve_device(cfg.device).type == "cuda":
+        return "float16"
+    return cfg.dtype
+
+
 def base_model(cfg):
     """(model, tokenizer) of the cell's base model, loaded once per process (the latest one is kept;
     `reuse_base=false` reloads it for every cell)."""
-    key = json.dumps([OmegaConf.to_container(cfg.model, resolve=True), cfg.device, cfg.dtype,
+    dtype = run_dtype(cfg)
+    key = json.dumps([OmegaConf.to_container(cfg.model, resolve=True), cfg.device, dtype,
                       bool(cfg.get("shape_only"))], sort_keys=True, default=str)
     if key not in _BASE or not cfg.get("reuse_base", True):
         _BASE.clear()
-        _BASE[key] = load_model(cfg.model, cfg.cache_dir, cfg.device, cfg.dtype, bool(cfg.get("shape_only")))
+        _BASE[key] = load_model(cfg.model, cfg.cache_dir, cfg.device, dtype, bool(cfg.get("shape_only")))
     return _BASE[key]
 
 
@@ -173,19 +184,31 @@ def prune(cfg, method, model, tokenizer, budget, out: Path, timing: dict) -> tup
     calib_ids, calib_source, calib = None, None, calib_spec(cfg, method)
     if calib is not None:
         calib_ids, calib_source = calibration_ids(tokenizer, calib.dataset, calib.n_samples, calib.seq_len,
-                                                  calib.seed, cfg.get("data_root") or None)
+                                                  calib.seed, cfg.get("data_root") or None, sampler=calib.sampler,
+                                                  bos_every=calib.bos_every)
         buf = io.BytesIO()
         torch.save(calib_ids, buf)
         write_atomic(out / "calib.pt", buf.getvalue())
+    eval_dtype = model.dtype
+    score_dtype = DTYPES[method.native_score_dtype] if native(cfg) and getattr(method, "native_score_dtype",
+                                                                                   None) else eval_dtype
+    model.to(score_dtype)  # the original's precision for scoring and surgery (LLM-Pruner, Taylor+: fp32)
     t0 = time.perf_counter()
     scores, hit = cached_scores(cfg, method, model, calib_ids, budget)
     timing["score_s"] = time.perf_counter() - t0
     log.info("scores %s in %.1f s", "from cache" if hit else "computed", timing["score_s"])
     write_atomic(out / "scores.csv", scores_csv(scores))
-    facts = {"plan_file": None, "calibration": cfg.calibration if calib else "none", "scores_cached": hit}
+    facts = {"plan_file": None, "calibration": calibration_kind(cfg) if calib else "none", "scores_cached": hit,
+             "score_dtype": str(score_dtype).removeprefix("torch.")}
     if calib:
         facts |= {f"calib_{k}": v for k, v in vars(calib).items()} | {"calib_source": calib_source}
-    return _apply(method, model, method.plan(scores, budget, model), timing), facts
+    plan = _apply(method, model, method.plan(scores, budget, model), timing)
+    model.to(eval_dtype)
+    return plan, facts
+
+
+def native(cfg) -> bool:
+    return cfg.get("protocol") == "native"
 
 
 def _apply(method, model, plan: Plan, timing: dict) -> Plan:
@@ -198,13 +221,24 @@ def _apply(method, model, plan: Plan, timing: dict) -> Plan:
     return plan
 
 
+def calibration_kind(cfg) -> str:
+    """native | shared: `calibration=auto` follows the protocol (matched: the one shared set; native: each
+    method's own)."""
+    if cfg.calibration == "auto":
+        return "native" if cfg.get("protocol") == "native" else "shared"
+    return cfg.calibration
+
+
 def calib_spec(cfg, method) -> CalibSpec | None:
-    """The method's own calibration (its paper's), or with `calibration=shared` the one set every method gets."""
-    if cfg.calibration not in ("native", "shared"):
-        raise BenchError(f"calibration={cfg.calibration!r}: allowed values are native, shared")
+    """The method's own calibration (its paper's), or the one set every method gets (`shared_calib`). A model
+    that needs a BOS on every window (Gemma: `model.ppl_bos_every`) gets one in calibration too, as the official
+    Gemma scripts do (--add_bos_to_every)."""
     if not method.needs_calib:
         return None
-    return method.calib if cfg.calibration == "native" else CalibSpec(**cfg.shared_calib)
+    spec = method.calib if calibration_kind(cfg) == "native" else CalibSpec(**cfg.shared_calib)
+    if cfg.model.get("ppl_bos_every") and not spec.bos_every:
+        spec = dataclasses.replace(spec, bos_every=True)
+    return spec
 
 
 def scores_csv(scores) -> str:
@@ -225,8 +259,7 @@ def scores_csv(scores) -> str:
 def cell(cfg):
     """(method, ratio, cell directory) of a config, after checking what can be checked without a model."""
     validate(cfg)
-    method = build_method(cfg.method)
-    calib_spec(cfg, method)
+    method = build_method(cfg.method, cfg.get("protocol", "matched"))
     unknown = [stage for stage in cfg.eval.stages if stage not in STAGES]
     if unknown:
         raise BenchError(f"eval.stages: {unknown[0]!r} is not a stage; allowed values are {', '.join(STAGES)}")
@@ -315,10 +348,12 @@ def _run(cfg, method, ratio: float, out: Path, rows: list[dict]) -> None:
                                              "budget_matched": plan.budget_matched}
     else:
         ident |= {"removed_frac_block_params": 0.0, "removed_frac_total_params": 0.0}
-    ident |= facts
+    protocol = cfg.get("protocol", "matched")
+    ident |= facts | {"protocol": protocol,
+                      "departures": method.departures() if protocol == "native" and method.prunes else []}
     prov = provenance(cfg, model.device, model.dtype) | timing
     dense = (lambda: base) if method.prunes else None  # the speed stage's reference
-    model_key = fingerprint(OmegaConf.to_container(cfg.model, resolve=True), cfg.device, cfg.dtype, cfg.seed,
+    model_key = fingerprint(OmegaConf.to_container(cfg.model, resolve=True), cfg.device, run_dtype(cfg), cfg.seed,
                             bool(cfg.get("shape_only")), weight_sums(model))  # the weights stand for plan and retrain
     progress = Progress(out / PARTIAL, model_key)
     for stage in cfg.eval.stages:

@@ -28,6 +28,7 @@ from bench.evals import STAGES
 from bench.evals.perplexity import METRIC as BOS_MODES
 from bench.evals.speed import RUNTIMES
 from bench.evals.zeroshot import TASKS
+from bench.methods.base import PROTOCOLS
 from bench.models import DTYPES
 from bench.retrain import RETRAIN
 
@@ -100,7 +101,8 @@ SCHEMA: dict[str, Rule] = {
     "shape_only": Rule(bool),
     "save_model": Rule(bool),
     "retrain": Rule(choices=RETRAIN),
-    "calibration": Rule(choices=("native", "shared")),
+    "protocol": Rule(choices=PROTOCOLS),
+    "calibration": Rule(choices=("auto", "native", "shared")),
     "shared_calib.dataset": Rule(choices=CALIB_DATASETS),
     "shared_calib.n_samples": positive(),
     "shared_calib.seq_len": positive(),
@@ -120,6 +122,7 @@ SCHEMA: dict[str, Rule] = {
     "lora.cutoff_len": positive(),
     "lora.val_size": Rule(int, ge=0),
     "lora.eval_steps": Rule(int, ge=0, null=True),
+    "lora.save_steps": positive(),
     "lora.n_records": positive(null=True),
     "eval.stages": Rule(choices=tuple(STAGES), many=True, empty=True),
     "eval.ppl.datasets": Rule(choices=PPL_DATASETS, many=True),

@@ -41,7 +41,8 @@ def test_cli_runs_a_cell_and_skips_it_on_rerun(tmp_path, data_root):
         assert key in rows[0]
     plan = json.loads((cell / "plan.json").read_text())
     assert len(plan["remove"]) == 3 and rows[0]["params"] == plan["predicted_params"]
-    assert "params" not in plan and rows[0]["calibration"] == "native" and rows[0]["scores_cached"] is False
+    assert "params" not in plan and rows[0]["calibration"] == "shared" and rows[0]["scores_cached"] is False
+    assert rows[0]["protocol"] == "matched" and rows[0]["departures"] == []
     scores = pd.read_csv(cell / "scores.csv")
     assert list(scores.columns) == ["block", "score"] and len(scores) == 12
     calib = torch.load(cell / "calib.pt")
@@ -103,7 +104,7 @@ def test_cli_errors_are_one_line(tmp_path, data_root):
 
 def test_width_cell_records_budget_match(cfg_for):
     out = run_cell(cfg_for("model=tiny-llama-gqa", "method=flap", "ratio=0.2", "eval.ppl.max_windows=1",
-                           "method.calib.n_samples=8"))
+                           "calibration=native", "method.calib.n_samples=8"))
     plan = json.loads((out / "plan.json").read_text())
     rows = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
     assert plan["kind"] == "width" and rows[0]["calibration"] == "native"

@@ -118,3 +118,28 @@ def test_slicegpt_cell_scores_cached(cfg_for):
     assert len(cached) == 1
     with pytest.raises(BenchError, match="plan_file"):
         run_cell(cfg_for(*overrides, f"plan_file={out / 'plan.json'}", f"out_dir={out.parents[3] / 'again'}"))
+
+
+@pytest.mark.parametrize("ratio, d", [(0.2, 3272), (0.35, 2656)])
+def test_native_nominal_slicing_llama7b(ratio, d):
+    """protocol=native: run_slicegpt.py's d = int((1 - s) h) rounded down to a multiple of 8, s = the ratio, the
+    lm_head unsliced; the target stays depth's count and the budget is honestly not matched."""
+    from bench.config import compose
+    from bench.models import build_from_config, hf_config
+
+    model = build_from_config(hf_config(compose(["model=llama-7b"]).model))  # meta device: shapes only
+    method = build_method({"impl": "slicegpt", "name": "slicegpt", "round_to": 1}, "native")
+    budget = resolve_budget(model, ratio)
+    method.check(budget, model)  # no "cannot go below" error: the nominal rule aims at no budget
+    plan = method.plan(None, budget, model)
+    h, v, i, n = 4096, 32000, 11008, 32
+    assert plan.hidden == d == int((1 - ratio) * h) // 8 * 8 and plan.round_to == 8 and plan.sparsity == ratio
+    assert plan.dims["out31"] == h and plan.dims["out30"] == d  # lm_head not sliced
+    # every block at d, except that the last one writes the full width h into the unsliced lm_head (its down_proj
+    # rows and its MLP shortcut d x h: rotate.py's get_mlp_output_dimension(last) = the head dimension)
+    last = (h - d) * (i + d)
+    assert plan.predicted_params == n * (4 * h * d + 3 * i * d + 2 * d * d) + last + v * d + v * h
+    assert plan.target_params == budget.target_params and not plan.budget_matched
+    assert method.departures() and all(isinstance(s, str) for s in method.departures())
+    explicit = build_method({"impl": "slicegpt", "name": "slicegpt", "sparsity": 0.3}, "native")
+    assert explicit.plan(None, budget, model).hidden == 2864  # an explicit sparsity wins over the ratio

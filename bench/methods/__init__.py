@@ -35,12 +35,16 @@ def resolve_impl(impl) -> type:
     return METHODS[impl]
 
 
-def build_method(mcfg) -> Method:
+def build_method(mcfg, protocol: str = "matched") -> Method:
+    """The method a config describes, under `protocol` (the run's top-level key, given to every class that has
+    the field: a class of the user's without it runs as it is)."""
     params = dict(mcfg)
     impl = params.pop("impl", None)
     cls = resolve_impl(impl)
-    allowed = {f.name for f in dataclasses.fields(cls)}
+    allowed = {f.name for f in dataclasses.fields(cls)} - {"protocol"}
     unknown = sorted(set(params) - allowed)
     if unknown:
         raise BenchError(f"method.{unknown[0]}: not a parameter of {impl}; allowed: {', '.join(sorted(allowed))}")
+    if "protocol" in {f.name for f in dataclasses.fields(cls)}:
+        params["protocol"] = protocol
     return cls(**params)

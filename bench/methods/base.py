@@ -8,6 +8,8 @@ attributes tell the runner what it needs:
     needs_calib  False for data-free criteria (magnitude, random): the runner then draws no calibration text
     layout       module paths inside a decoder block that the method reads or cuts (bench.models.check_layout
                  refuses a model without them in one line)
+    native_score_dtype  (optional) the dtype its original scores and cuts in under protocol=native ("float32":
+                 Taylor+, LLM-Pruner); the runner casts for scoring and back for evaluation
 
 and whose methods are the four steps of a cell:
 
@@ -22,6 +24,10 @@ and whose methods are the four steps of a cell:
 `score_key(budget, model)` names everything the scores depend on besides the model and the calibration tokens
 (which the runner hashes): the criterion, and the budget only for methods whose scoring is sequential. So a
 sweep over ratios scores each (model, criterion, calibration) once.
+
+Every method has a `protocol` field ("matched" | "native", the run's top-level key, set by build_method):
+under `native` it follows its original code (budget rule, rounding, statistics) and `departures()` lists, for
+the records, what still differs from that code and why.
 
 `METHODS` maps every registry name (a method YAML's `impl`) to its class; `@register("name")` adds one. A new
 criterion is a subclass of a family's class (DepthPruner, WidthPruner) plus a YAML; a new family is a module with
@@ -49,12 +55,21 @@ def register(name: str):
     return add
 
 
+PROTOCOLS = ("matched", "native")
+
+
 @dataclass(frozen=True)
 class CalibSpec:
+    """A calibration set: `n_samples` windows of `seq_len` tokens of `dataset`, drawn with `seed` by `sampler` (the
+    original code's rule, bench.data; None = the dataset's default, Shortened LLaMA's for BookCorpus), with a BOS
+    token opening every window when `bos_every` (the official Gemma scripts' --add_bos_to_every)."""
+
     dataset: str = "bookcorpus"
     n_samples: int = 10
     seq_len: int = 128
     seed: int = 1234
+    sampler: str | None = None
+    bos_every: bool = False
 
 
 def as_calib(value, needed: bool) -> CalibSpec | None:
@@ -71,9 +86,11 @@ class Method(Protocol):
     layout: ClassVar[tuple[str, ...]]
     name: str
     calib: CalibSpec | None
+    protocol: str              # "matched" | "native" (set by build_method from the run config)
 
     @property
     def label(self) -> str: ...
+    def departures(self) -> list[str]: ...     # under protocol=native: where it still differs from the original
     def check(self, budget: Budget, model=None) -> None: ...
     def score_key(self, budget: Budget | None = None, model=None) -> dict | None: ...
     def score(self, model, calib_ids, budget: Budget | None = None) -> Any: ...
@@ -92,6 +109,10 @@ class Dense:
     layout: ClassVar[tuple[str, ...]] = ()
     name: str = "dense"
     calib: CalibSpec | None = field(default=None)
+    protocol: str = "matched"
+
+    def departures(self) -> list[str]:
+        return []
 
     @property
     def label(self) -> str:

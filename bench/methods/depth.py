@@ -192,15 +192,21 @@ class DepthPruner:
     layout: ClassVar[tuple[str, ...]] = DEPTH_LAYOUT
     criterion: ClassVar[str] = ""
     budget_dependent: ClassVar[bool] = False   # scores depend on how many blocks go (angular, SLEB)
+    native_score_dtype: ClassVar[str | None] = None  # protocol=native: score (and cut) in this dtype
     name: str = ""
     keep_first: int = 4           # the "+" keep-set: first 4 and last 2 blocks are never removed
     keep_last: int = 2
     calib: CalibSpec | None = field(default_factory=CalibSpec)
     batch_size: int = 10          # calibration samples per forward in the PPL criterion
+    protocol: str = "matched"     # matched | native (set by build_method from the run config)
 
     def __post_init__(self):
         self.name = self.name or self.criterion
         self.calib = as_calib(self.calib, needed=self.needs_calib)
+
+    def departures(self) -> list[str]:
+        """Under protocol=native: where this method still differs from its original code (into the records)."""
+        return []
 
     @property
     def label(self) -> str:
@@ -266,6 +272,11 @@ class DepthPPL(DepthPruner):
     def score(self, model, calib_ids, budget=None):
         return ppl_scores(model, calib_ids, self.batch_size)
 
+    def departures(self) -> list[str]:
+        return ["the calibration samples go through in batches of batch_size, each candidate running only the blocks "
+                "after it on the recorded inputs (the original: a rebuilt model per block, one sample per forward; "
+                "the same scores to 1e-6 in fp32, not bit-identical in fp16)"]
+
 
 @register("depth_taylor")
 @dataclass
@@ -273,9 +284,16 @@ class DepthTaylor(DepthPruner):
     """Shortened LLaMA's Taylor+ criterion: sum of |W * dL/dW| over the block's weights."""
 
     criterion: ClassVar[str] = "taylor"
+    # protocol=native scores in fp32, as the official script does (anal_block_sensitivity_taylor.py: --device cpu,
+    # so the model is never halved); the cell then evaluates in its own dtype
+    native_score_dtype: ClassVar[str] = "float32"
 
     def score(self, model, calib_ids, budget=None):
         return taylor_scores(model, calib_ids)
+
+    def departures(self) -> list[str]:
+        return ["scored in fp32 on the cell's device (the original: fp32 on the CPU); gradients folded into the "
+                "block scores as they arrive instead of kept"]
 
 
 @register("depth_magnitude")

@@ -129,17 +129,44 @@ def pca_rotations(model, ids: torch.Tensor, dims: dict[str, int], batch_size: in
 @register("slicegpt")
 @dataclass
 class SlicePruner:
+    """SliceGPT. protocol=matched (and native with an explicit `sparsity`): as the module says. protocol=native
+    without `sparsity`: the original's budget rule, d from the nominal slicing fraction s = the cell's ratio at
+    round interval 8 (experiments/run_slicegpt.py::slicing_main); plan.target_params stays depth's count for
+    reference and budget_matched says honestly whether d lands within the tolerance (on LLaMA-7B at 0.2 it does
+    not: with the shortcut matrices and the unsliced lm_head, d = 3272 removes 9.4% of the parameters)."""
+
     kind: ClassVar[str] = "slice"
+    native_round_interval: ClassVar[int] = 8   # run_slicegpt.py's --round-interval default
     prunes: ClassVar[bool] = True
     needs_calib: ClassVar[bool] = True
     layout: ClassVar[tuple[str, ...]] = SLICE_LAYOUT
+    scores_format: ClassVar[str] = "pt"   # the bases are tensors: the runner caches them with torch.save
     name: str = "slicegpt"
     round_to: int = 1                  # d is a multiple of this (8: the original's --round-interval)
     sparsity: float | None = None      # null: d solved for the budget; a number: the original's nominal slicing
     budget_match: str = "depth"        # depth: depth's achieved params at this ratio; ratio: ratio x block params
     calib: CalibSpec | None = field(default_factory=CalibSpec)
     batch_size: int = 16               # calibration samples per forward
-    scores_format: ClassVar[str] = "pt"   # the bases are tensors: the runner caches them with torch.save
+    protocol: str = "matched"          # matched | native (set by build_method from the run config)
+
+    def departures(self) -> list[str]:
+        """Under protocol=native: where this method still differs from its original code (into the records).
+        The budget rule, the round interval, the unsliced lm_head, the fp64 damped PCA and the sequential order are
+        the original's; what remains is below."""
+        out = ["PCA signals: each site's signal is the unmodified block fed the projected stream, in the model's "
+               "dtype (equal in exact arithmetic to rotate.py::rotate_and_slice_sequential running the already "
+               "sliced, rotated blocks); the bases are cached in fp32 and applied in fp64 (the original: its fp64 Q)",
+               "final orientation: the PCA eigenvectors as they are (run_slicegpt.py's default "
+               "--final-orientation random multiplies each kept basis by a random d x d orthogonal matrix: the same "
+               "span, so the same function in exact arithmetic, other rounding)",
+               "models: every pre-norm LLaMA-style decoder; a tied embedding is untied into its own V x h lm_head "
+               "(the original's adapters: Llama-2/3 by hub name, OPT, Phi-2/3)"]
+        if self.calib is not None and self.calib.sampler is None:
+            out.insert(0, f"calibration: {self.calib.n_samples} x {self.calib.seq_len} {self.calib.dataset} "
+                          f"tokens, seed {self.calib.seed}, drawn by bench.data's default sampler, not "
+                          f"data_utils.prepare_dataloader's (random starting rows joined with \\n\\n until "
+                          f"max_seqlen, re-tokenized with BOS, torch seed)")
+        return out
 
     def __post_init__(self):
         check_budget_match(self.budget_match)
@@ -158,14 +185,29 @@ class SlicePruner:
     def target(self, budget: Budget) -> int:
         return match_target(budget, self.budget_match)
 
-    def width(self, budget: Budget, model) -> int:
-        """The sliced width d: nominal (`sparsity`) or the multiple of round_to whose exact parameter count is
-        nearest the budget's target (ties: the larger d)."""
-        h = model.config.hidden_size
+    @property
+    def interval(self) -> int:
+        """The multiple d is rounded to: `round_to`, except that protocol=native turns the default 1 into the
+        original's --round-interval 8 (TransformerCompression experiments/run_slicegpt.py)."""
+        return self.native_round_interval if self.protocol == "native" and self.round_to == 1 else self.round_to
+
+    def nominal_sparsity(self, budget: Budget | None) -> float | None:
+        """The slicing fraction of the original's nominal rule, or None when d is solved for the budget: an
+        explicit `sparsity`, else under protocol=native the cell's ratio (run_slicegpt.py takes --sparsity as
+        the fraction of the hidden width to slice, not of the parameters)."""
         if self.sparsity is not None:
-            return max(self.round_to, int((1 - self.sparsity) * h) // self.round_to * self.round_to)
+            return self.sparsity
+        return budget.ratio if self.protocol == "native" and budget is not None else None
+
+    def width(self, budget: Budget, model) -> int:
+        """The sliced width d: nominal, d = int((1 - s) h) rounded down to a multiple of the interval
+        (run_slicegpt.py::slicing_main, then ConstSlicingScheduler(d) at every site), or the multiple of the
+        interval whose exact parameter count is nearest the budget's target (ties: the larger d)."""
+        h, step, sparsity = model.config.hidden_size, self.interval, self.nominal_sparsity(budget)
+        if sparsity is not None:
+            return max(step, int((1 - sparsity) * h) // step * step)
         target = self.target(budget)
-        widths = sorted(set(range(self.round_to, h, self.round_to)) | {h})
+        widths = sorted(set(range(step, h, step)) | {h})
         return min(widths, key=lambda d: (abs(sliced_param_count(model, slice_dims(model, d)) - target), -d))
 
     def check(self, budget: Budget, model=None) -> None:
@@ -178,8 +220,9 @@ class SlicePruner:
             raise BenchError(f"method=slicegpt: {model.config.model_type} blocks normalise their branch outputs "
                              f"({branch[0]}), which a rotation of the residual stream does not commute with; "
                              f"allowed models: pre-norm LLaMA-style ones (llama, mistral, qwen2)")
-        smallest = sliced_param_count(model, slice_dims(model, self.round_to))
-        if self.sparsity is None and smallest > self.target(budget) + MATCH_TOLERANCE * budget.dense_params:
+        smallest = sliced_param_count(model, slice_dims(model, self.interval))
+        solved = self.nominal_sparsity(budget) is None
+        if solved and smallest > self.target(budget) + MATCH_TOLERANCE * budget.dense_params:
             raise BenchError(f"ratio={budget.ratio}: slicegpt cannot go below {smallest:,} params on this model "
                              f"(the unsliced lm_head and the shortcut matrices), the budget is "
                              f"{self.target(budget):,}: lower the ratio")
@@ -202,7 +245,7 @@ class SlicePruner:
             raise BenchError("method=slicegpt: the cached bases were computed for other widths; clear the score "
                              "cache (make clean) and rerun")
         return SlicePlan(criterion=None if scores is None else "slicegpt", hidden_dense=h, hidden=d,
-                         slicing_fraction=1 - d / h, sparsity=self.sparsity, round_to=self.round_to,
+                         slicing_fraction=1 - d / h, sparsity=self.nominal_sparsity(budget), round_to=self.interval,
                          budget_match=self.budget_match, dims=dims, target_params=target,
                          predicted_params=predicted, gap_params=predicted - target,
                          budget_matched=is_matched(budget, predicted, target), rotations=rotations)

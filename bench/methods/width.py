@@ -35,6 +35,7 @@ from bench.plans import WidthPlan
 from bench.surgery import apply_width_plan, head_rows
 
 HEAD_MODES = ("auto", "kv_groups", "q_heads")
+GQA_ALIGNS = ("auto", "original", "group")   # LLM-Pruner: which query heads a key/value head is scored with
 
 
 @dataclass(frozen=True)
@@ -104,6 +105,11 @@ class WidthPruner:
     budget_match: str = "depth"   # depth: depth's achieved params at this ratio; ratio: ratio x block params
     calib: CalibSpec | None = field(default_factory=CalibSpec)
     batch_size: int = 16          # calibration samples per forward (activation statistics)
+    protocol: str = "matched"     # matched | native (set by build_method from the run config)
+
+    def departures(self) -> list[str]:
+        """Under protocol=native: where this method still differs from its original code (into the records)."""
+        return []
 
     def __post_init__(self):
         self.name = self.name or self.criterion
@@ -120,6 +126,16 @@ class WidthPruner:
     def remove_count(self, n: int, r: float) -> int:
         """Units to remove from n at ratio r: LLM-Pruner / torch-pruning keep int(n (1 - r))."""
         return n - int(n * (1 - r))
+
+    def remove_heads(self, g: LayerGeometry, r: float) -> int:
+        """Head units to remove from a layer at ratio r by the method's own rule (default: `remove_count` on the
+        units; LLM-Pruner counts channels and floors them to heads)."""
+        return self.remove_count(head_units(g, self.head_mode)[0], r)
+
+    def native_budget(self) -> bool:
+        """True where the method prunes at its original's own ratio rule (uniform_counts at the cell's ratio) instead
+        of matching the budget: LLM-Pruner under protocol=native."""
+        return False
 
     # --- deciding ------------------------------------------------------------------------------------------
 
@@ -153,7 +169,7 @@ class WidthPruner:
         most = sum(head_units(geo[i], self.head_mode)[1] * (head_units(geo[i], self.head_mode)[0] - 1)
                    + geo[i].channel_params * (geo[i].channels - 1) for i in self.layers(len(geo)))
         need = budget.dense_params - self.target(budget)
-        if need > most:
+        if need > most and not self.native_budget():
             raise BenchError(f"ratio={budget.ratio}: {self.criterion} must remove {need:,} params but blocks "
                              f"{self.keep_first}..{len(geo) - self.keep_last - 1} hold only {most:,} removable "
                              f"(keep_first={self.keep_first}, keep_last={self.keep_last}): lower the ratio")
@@ -166,7 +182,7 @@ class WidthPruner:
         out = {}
         for i in self.layers(len(geo)):
             units, _ = head_units(geo[i], self.head_mode)
-            h = min(self.remove_count(units, r), units - 1)
+            h = min(self.remove_heads(geo[i], r), units - 1)
             kept = _round_kept(geo[i].channels - self.remove_count(geo[i].channels, r), self.round_to)
             out[i] = (h, min(max(geo[i].channels - kept, 0), geo[i].channels - 1))
         return out
@@ -195,7 +211,7 @@ class WidthPruner:
                 if not 0 <= c < g.channels:
                     continue
                 gap = abs(need - n * (h * unit_params + c * g.channel_params))
-                own_rule = self.remove_count(units, c / g.channels) == h
+                own_rule = self.remove_heads(g, c / g.channels) == h
                 key = (0, not own_rule, abs(h / units - c / g.channels)) if gap <= tol else (1, 0, gap)
                 if best is None or key < best[0]:
                     best = (key, h, c)
@@ -239,11 +255,14 @@ class WidthPruner:
                  structural: bool) -> tuple[dict[int, dict], dict | None]:
         """(per-layer removal specs, the uniform counts): the same head units and channels from every prunable
         layer, the lowest-scoring ones, counts solved for the budget."""
-        counts = self.solve_counts(geo, budget.dense_params, self.target(budget))
+        native = self.native_budget()  # the original's own ratio, no matching (plan.target_params: for reference)
+        counts = (self.uniform_counts(geo, budget.ratio) if native
+                  else self.solve_counts(geo, budget.dense_params, self.target(budget)))
         layers = {li: self._select_layer(li, geo[li], scores, c) for li, c in counts.items()}
         first, (h, c) = next(iter(counts.items()))  # uniform: every prunable layer has the same counts
-        return layers, {"head_units": h, "head_fraction": h / head_units(geo[first], self.head_mode)[0],
-                        "channels": c, "channel_fraction": c / geo[first].channels}
+        return layers, ({"ratio": budget.ratio} if native else {}) | {
+            "head_units": h, "head_fraction": h / head_units(geo[first], self.head_mode)[0],
+            "channels": c, "channel_fraction": c / geo[first].channels}
 
     def plan(self, scores: dict | None, budget: Budget, model=None) -> WidthPlan:
         """Per-layer heads and channels to remove. scores=None (shape-only): the uniform allocation matched to the
@@ -280,15 +299,81 @@ class WidthPruner:
 @register("llm_pruner")
 @dataclass
 class LLMPruner(WidthPruner):
-    """LLM-Pruner: Taylor importance of each head and channel over the weights it owns, uniform per layer."""
+    """LLM-Pruner: Taylor importance of each head and channel over the weights it owns, uniform per layer.
+
+    Head count (both protocols): the original's rule, on the root linear's output channels C (q_proj on
+    multi-head attention, hf_prune.py:105,111; k_proj on grouped-query attention, llama3.py:108,114): it prunes
+    C - int(C (1 - r)) channels, floored to whole heads by n_pruned // head_dim
+    (LLMPruner/torch_pruning/pruner/algorithms/metapruner.py:249-251, 274), e.g. 6 of LLaMA-7B's 32 heads at
+    r = 0.2 and 8 at 0.25. MLP channels: C - int(C (1 - r)) on gate_proj. protocol=native: r is the cell's ratio
+    on blocks keep_first..L-keep_last-1, uniform, not matched to depth's count (the plan keeps that target for
+    reference and says whether it is met); matched: the counts are solved for the budget, preferring the pair
+    whose head count is this rule's at the channel fraction.
+
+    GQA score alignment (`gqa_align`, kv_groups on grouped heads): `original` scores key/value head k with query
+    heads {k, k + n_kv, k + 2 n_kv, ...}, as the original's `imp.view(len // min, min).sum(0)` folds the 4096
+    query channels onto the 1024 key channels (LLMPruner/pruner/hf_llama_pruner.py:332-340), while it removes
+    k's true group {k g, ..., k g + g - 1} (repeat_kv's expand mapping, LLMPruner/torch_pruning/dependency.py:
+    1042-1078, _helpers.py:53-67); `group` scores the true group; `auto` = original under protocol=native,
+    group under matched."""
 
     criterion: ClassVar[str] = "llm_pruner"
+    native_score_dtype: ClassVar[str] = "float32"  # the README's hf_prune.py --device cpu: fp32 (hf_prune.py:44-46)
     taylor: str = "param_first"   # element salience: param_first, param_second, param_mix, vectorize
+    gqa_align: str = "auto"       # auto | original | group: which query heads a key/value head is scored with
 
     def __post_init__(self):
         super().__post_init__()
         if self.taylor not in wc.TAYLOR_VARIANTS:
             raise BenchError(f"method.taylor={self.taylor!r}: allowed values are {', '.join(wc.TAYLOR_VARIANTS)}")
+        if self.gqa_align not in GQA_ALIGNS:
+            raise BenchError(f"method.gqa_align={self.gqa_align!r}: allowed values are {', '.join(GQA_ALIGNS)}")
+
+    def native_budget(self) -> bool:
+        return self.protocol == "native"
+
+    def alignment(self) -> str:
+        """`gqa_align` resolved: original under protocol=native, group under matched, unless set."""
+        if self.gqa_align != "auto":
+            return self.gqa_align
+        return "original" if self.protocol == "native" else "group"
+
+    def remove_heads(self, g: LayerGeometry, r: float) -> int:
+        """The original's head count (class docstring): C - int(C (1 - r)) root channels floored to whole heads,
+        C = n_kv x head_dim (k_proj; = q_proj's on multi-head attention). q_heads, which the original lacks: the
+        rule on q_proj's channels, floored to whole units (one query head of every group)."""
+        q_heads = self.head_mode == "q_heads"
+        c = (g.n_q if q_heads else g.n_kv) * g.head_dim
+        removed = (c - int(c * (1 - r))) // g.head_dim
+        return removed // g.n_kv if q_heads else removed
+
+    def _unit_scores(self, li, g, scores):
+        """kv_groups units as the base class (the true group's scores), or with `original` alignment on grouped
+        heads the score of key/value head k plus query heads k, k + n_kv, ... (the removed heads stay k's group)."""
+        units = super()._unit_scores(li, g, scores)
+        if self.alignment() != "original" or g.n_q == g.n_kv:
+            return units
+        q, kv = list(map(float, scores["q"][li])), list(map(float, scores["kv"][li]))
+        groups = g.n_q // g.n_kv
+        return [(sum(q[k + m * g.n_kv] for m in range(groups)) + kv[k], members, own)
+                for k, (_, members, own) in enumerate(units)]
+
+    def departures(self) -> list[str]:
+        if self.protocol != "native":
+            return []
+        out = ["scores in float32 on every model, as hf_prune.py on the README's --device cpu; llama3.py (grouped "
+               "heads) loads the model in float16 (llama3.py:40-46) and scores in it"]
+        if self.taylor in ("param_second", "param_mix"):
+            out.append(f"taylor={self.taylor}: the squared per-sample gradients are folded per channel "
+                       "(param_second) or accumulated in the model dtype (param_mix), the scored weights only; the "
+                       "original keeps .grad and .acc_grad of every parameter (hf_prune.py:130-148)")
+        if self.head_mode == "q_heads":
+            out.append("head_mode=q_heads (query heads evenly from every group) has no counterpart in the original, "
+                       "which removes whole key/value groups (llama3.py)")
+        if self.alignment() == "group":
+            out.append("gqa_align=group: a key/value head is scored with its true query group; the original folds "
+                       "query heads k, k + n_kv, ... onto it (hf_llama_pruner.py:332-340)")
+        return out
 
     def score_key(self, budget=None, model=None) -> dict:
         return super().score_key(budget, model) | {"taylor": self.taylor}
@@ -308,12 +393,18 @@ class MagnitudeWidth(WidthPruner):
     def score(self, model, calib_ids, budget=None) -> dict:
         return wc.magnitude_scores(model)
 
+    def departures(self) -> list[str]:
+        return ["no native budget rule: the counts are matched to depth's parameters as under protocol=matched "
+                "(torch-pruning's example takes one uniform pruning ratio)"]
+
 
 @register("wanda_sp")
 @dataclass
 class WandaSP(WidthPruner):
     """Wanda-sp: |W| x ||X|| per o_proj / down_proj input channel, uniform, layers scored and pruned in sequence
-    (so the scores depend on the counts, which the budget fixes)."""
+    (so the scores depend on the counts, which the budget fixes). protocol=native: its own rule, int(p x heads)
+    heads and int(p x C) channels removed from every layer with p the cell's ratio (FLAP repo lib/prune.py
+    prune_wanda_sp), not matched to depth's count (the plan still reports that target and the gap to it)."""
 
     criterion: ClassVar[str] = "wanda_sp"
 
@@ -321,14 +412,41 @@ class WandaSP(WidthPruner):
         """Wanda-sp removes int(r n) (FLAP repo's thresholds)."""
         return int(r * n)
 
+    def departures(self) -> list[str]:
+        if self.protocol != "native":
+            return []
+        out = ["pruned units are removed physically; the shipped scripts/llama_7b.sh passes --unstr, which only "
+               "zeroes them (same outputs, dense shapes)",
+               "o_proj / down_proj carry no bias: the original's main.py get_llm gives every layer zero biases "
+               "(2 x hidden params per layer, no effect on outputs)"]
+        if getattr(self, "_grouped", False):
+            out.append(f"grouped-query attention (head_mode={self.head_mode}): int(p x units) of its head units per "
+                       "layer, a unit being a key/value group with its query heads (kv_groups) or one query head "
+                       "of every group (q_heads); the original handles multi-head attention only")
+        return out
+
+    def counts(self, geo: list[LayerGeometry], budget: Budget) -> dict[int, tuple[int, int]]:
+        """Head units and channels removed per layer: native, the original's int(p n) at the cell's ratio;
+        matched, the uniform counts solved for the budget."""
+        if self.native_budget():
+            return self.uniform_counts(geo, budget.ratio)
+        return self.solve_counts(geo, budget.dense_params, self.target(budget))
+
+    def native_budget(self) -> bool:
+        return self.protocol == "native"
+
+    def plan(self, scores, budget, model=None) -> WidthPlan:
+        self._grouped = any(g.n_q != g.n_kv for g in model_geometry(model))  # for departures()
+        return super().plan(scores, budget, model)
+
     def score_key(self, budget=None, model=None) -> dict:
-        counts = self.solve_counts(model_geometry(model), budget.dense_params, self.target(budget))
+        counts = self.counts(model_geometry(model), budget)
         return super().score_key(budget, model) | {"counts": sorted(counts.items())}
 
     def score(self, model, calib_ids, budget=None) -> dict:
         self.resolve_head_mode(model)
         geo = model_geometry(model)
-        counts = self.solve_counts(geo, budget.dense_params, self.target(budget))
+        counts = self.counts(geo, budget)
 
         def select(li, scores):
             spec = self._select_layer(li, geo[li], scores, counts.get(li, (0, 0)))
@@ -340,7 +458,11 @@ class WandaSP(WidthPruner):
 @register("flap")
 @dataclass
 class FLAP(WidthPruner):
-    """FLAP: fluctuation metric, adaptive structure across layers (AL-AM), bias compensation."""
+    """FLAP: fluctuation metric, adaptive structure across layers (AL-AM), bias compensation. protocol=native
+    follows FLAP's code (lib/prune.py prune_flap --metrics WIFV --structure AL-AM, lib/layerwrapper.py BiasGPT):
+    its in-place fluctuation update, its global threshold at (1 - p) of the weighted metric mass with p the cell's
+    ratio (not matched to depth's count: the plan still reports that target and the gap to it), its fp16
+    compensation means; `departures` lists what still differs."""
 
     criterion: ClassVar[str] = "flap"
     head_reduce: ClassVar[str] = "mean"  # FLAP's head score is a mean over its channels
@@ -352,17 +474,80 @@ class FLAP(WidthPruner):
             raise BenchError("method.head_mode=q_heads: flap's adaptive structure removes whole key/value groups; "
                              "allowed values for flap are kv_groups")
 
+    def departures(self) -> list[str]:
+        if self.protocol != "native":
+            return []
+        out = ["a layer keeps its best head unit (and MLP channel) where the global threshold would remove them "
+               "all, so every attention keeps a key/value cache; the original (lib/prune.py prune_flap) can empty "
+               "a layer",
+               "pruned units are removed physically; the shipped scripts/llama_7b.sh passes --unstr, which only "
+               "zeroes them (same outputs, dense shapes)",
+               "only an o_proj / down_proj that loses units gets a (compensation) bias: the original's main.py "
+               "get_llm gives every layer both biases, zero where nothing is removed (2 x hidden params per layer)",
+               "statistics accumulate in float64 (the original: float32 accumulators over fp16 activations)"]
+        if getattr(self, "_grouped", False):
+            out.append("grouped-query attention: a head unit is a key/value group with its query heads, scored by "
+                       "the mean of its query heads and weighted int(params(group) / params(channel)); the original "
+                       "handles multi-head attention only (its 512/3 is an MHA head of LLaMA)")
+        if getattr(self, "_structural", False):
+            out.append("shape-only plan (no scores): FLAP's uniform structure (--structure UL-UM: int(p x heads) "
+                       "and int(p x channels) per layer, lowest indices, no compensation bias), as AL-AM needs "
+                       "calibration statistics")
+        return out
+
+    def score_key(self, budget=None, model=None) -> dict:
+        key = super().score_key(budget, model)
+        return (key | {"fluctuation": "in_place"}) if self.protocol == "native" else key
+
     def score(self, model, calib_ids, budget=None) -> dict:
-        return wc.flap_scores(model, calib_ids, self.batch_size)
+        return wc.flap_scores(model, calib_ids, self.batch_size, in_place=self.protocol == "native")
+
+    def remove_count(self, n: int, r: float) -> int:
+        """native (the structure-only plan, UL-UM): int(r n), FLAP's uniform thresholds; matched: the base rule."""
+        return int(r * n) if self.protocol == "native" else super().remove_count(n, r)
+
+    def native_budget(self) -> bool:
+        """native: FLAP's own rule at the cell's ratio (the base's structural plan then takes the uniform
+        int(p n) counts, FLAP's UL-UM), not matched to depth's count."""
+        return self.protocol == "native"
+
+    def plan(self, scores, budget, model=None) -> WidthPlan:
+        self._structural = scores is None  # for departures()
+        self._grouped = any(g.n_q != g.n_kv for g in model_geometry(model))
+        return super().plan(scores, budget, model)
 
     def allocate(self, geo, scores, budget, structural):
-        """FLAP's AL-AM: the head units and channels of all layers ranked together by standardised score and
-        removed lowest first, each weighted by its parameters (FLAP's 512/3 per MHA head of LLaMA-7B, in general
-        params(unit) / params(channel)), stopping where the removed parameters, net of the compensation biases
-        the pruned modules gain, come closest to the budget. A layer keeps at least one head unit and one
-        channel. Each pruned module gets the mean inputs of its removed columns (the compensation bias)."""
-        need = budget.dense_params - self.target(budget)
+        """FLAP's adaptive structure: which head units and channels each layer loses (`_matched_removals` or, under
+        native, `_native_removals`); each pruned module gets the mean inputs of its removed columns (the
+        compensation bias W[:, R] x_mean[R], lib/prune.py compress), rounded to fp16 under native as FLAP stores
+        them (`baseline_inp.type(torch.half)`)."""
         units = {li: self._unit_scores(li, geo[li], scores) for li in self.layers(len(geo))}
+        if self.protocol == "native":
+            out = self._native_removals(geo, units, scores, budget.ratio)
+        else:
+            out = self._matched_removals(geo, units, scores, budget)
+        layers = {li: {k: sorted(v) for k, v in spec.items()} for li, spec in out.items()}
+
+        def mean(key, li, cols):  # native: fp16, as FLAP keeps baseline_inp (lib/prune.py, .type(torch.half))
+            vals = [scores[key][li][j] for j in cols]
+            if self.protocol == "native":
+                return torch.tensor(vals, dtype=torch.float64).half().double().tolist()
+            return vals
+        for li, spec in layers.items():
+            if self.bias:
+                cols = head_rows(spec["remove_q"], geo[li].head_dim).tolist()
+                spec["o_bias_mean"] = mean("o_mean", li, cols) if cols else None
+                spec["down_bias_mean"] = (mean("down_mean", li, spec["remove_channels"])
+                                          if spec["remove_channels"] else None)
+        return layers, None
+
+    def _matched_removals(self, geo, units, scores, budget) -> dict[int, dict]:
+        """AL-AM matched to the budget: the head units and channels of all layers ranked together by standardised
+        score and removed lowest first, each weighted by its parameters (FLAP's 512/3 per MHA head of LLaMA-7B, in
+        general params(unit) / params(channel)), stopping where the removed parameters, net of the compensation
+        biases the pruned modules gain, come closest to the budget. A layer keeps at least one head unit and one
+        channel."""
+        need = budget.dense_params - self.target(budget)
         ranked = sorted([(u[0], 0, li, k) for li, us in units.items() for k, u in enumerate(us)]
                         + [(float(x), 1, li, j) for li in units for j, x in enumerate(scores["channel"][li])])
         taken = {li: [0, 0] for li in units}  # head units, channels removed so far
@@ -386,11 +571,35 @@ class FLAP(WidthPruner):
             else:
                 out[li]["remove_q"] += units[li][idx][1]
                 out[li]["remove_kv"] += units[li][idx][2]
-        layers = {li: {k: sorted(v) for k, v in spec.items()} for li, spec in out.items()}
-        for li, spec in layers.items():
-            if self.bias:
-                cols = head_rows(spec["remove_q"], geo[li].head_dim).tolist()
-                spec["o_bias_mean"] = [scores["o_mean"][li][j] for j in cols] if cols else None
-                spec["down_bias_mean"] = ([scores["down_mean"][li][j] for j in spec["remove_channels"]]
-                                          if spec["remove_channels"] else None)
-        return layers, None
+        return out
+
+    def _native_removals(self, geo, units, scores, p: float) -> dict[int, dict]:
+        """FLAP's AL-AM rule (lib/prune.py prune_flap): every head unit and channel of the prunable layers sorted
+        by score, highest first, a head unit weighing int(params(unit) / params(channel)) channels (FLAP's 512/3
+        for an MHA head of LLaMA, written into an int64 tensor, so 170); the threshold is the score of the first
+        unit at which the cumulative weight comes closest to (1 - p) of the total weight (torch.argmin), and only
+        units scoring strictly above it are kept (`metric > threshold`), so the threshold unit goes too.
+        Departure: a layer the threshold would empty keeps its best head unit (channel)."""
+        ranked = []  # (score, weight)
+        for li, us in units.items():
+            weight = int(head_units(geo[li], "kv_groups")[1] / geo[li].channel_params)
+            ranked += [(u[0], weight) for u in us] + [(float(x), 1) for x in scores["channel"][li]]
+        ranked.sort(key=lambda e: -e[0])
+        goal, cum, best = (1 - p) * sum(w for _, w in ranked), 0, (float("inf"), 0)
+        for i, (_, w) in enumerate(ranked):
+            cum += w
+            if abs(cum - goal) < best[0]:
+                best = (abs(cum - goal), i)
+        threshold = ranked[best[1]][0]
+        out = {}
+        for li, us in units.items():
+            heads = [k for k, u in enumerate(us) if not u[0] > threshold]
+            if len(heads) == len(us):
+                heads.remove(max(heads, key=lambda k: (us[k][0], -k)))
+            ch = [float(x) for x in scores["channel"][li]]
+            chans = [j for j, x in enumerate(ch) if not x > threshold]
+            if len(chans) == len(ch):
+                chans.remove(max(chans, key=lambda j: (ch[j], -j)))
+            out[li] = {"remove_q": [q for k in heads for q in us[k][1]],
+                       "remove_kv": [kv for k in heads for kv in us[k][2]], "remove_channels": chans}
+        return out

@@ -59,40 +59,63 @@ TAYLOR_VARIANTS = ("param_first", "param_second", "param_mix", "vectorize")
 
 
 def taylor_scores(model, ids: torch.Tensor, variant: str = "param_first") -> dict:
-    """LLM-Pruner's Taylor importance (hf_prune.py, LLMPruner/pruner/hf_llama_pruner.py::TaylorImportance).
+    """LLM-Pruner's Taylor importance (hf_prune.py:127-148, LLMPruner/pruner/hf_llama_pruner.py::TaylorImportance).
 
-    Element salience S: param_first W*g; param_second W*A*W with A = mean over samples of per-sample g^2;
-    param_mix W*g - W*A*W / 2; vectorize sums W*g over a channel before the absolute value. A channel's score is
-    sum |S| over its row (q, k, v, gate, up) or column (o, down); a unit's score sums all weights it owns.
-    param_first / vectorize fold each gradient into the scores as it arrives; the second-order variants keep
-    per-element accumulators (and param_mix the batch gradient), as LLM-Pruner does."""
+    Element salience S: param_first W*g (g: the batch gradient); param_second W*A*W with A = mean over samples of
+    per-sample g^2; param_mix W*g - W*A*W / 2; vectorize sums W*g over a channel before the absolute value. A
+    channel's score is sum |S| over its row (q, k, v, gate, up) or column (o, down); a unit's score sums all
+    weights it owns. No variant holds gradients (bench.methods.grads), and the state kept per element is:
+      param_first, vectorize  none: each gradient folds into the channel scores as it arrives
+      param_second            none: sum |W A W| = sum W^2 A = (1/N) sum_j sum (W g_j)^2 (A >= 0), so each
+                              per-sample gradient folds into the channel sums as it arrives
+      param_mix               A, in the model's dtype (|W g - W A W / 2| does not split over samples): the N
+                              per-sample passes fill it, then the batch gradient folds with it and frees it
+    On LLaMA-7B (6.48e9 scored weights) param_mix's A is 25.9 GB in float32, 13.0 GB in bfloat16 (the other
+    variants: one weight's float32 temporaries, under 1 GB); LLM-Pruner itself keeps .grad of every parameter
+    (27 GB in float32) and, for param_second / param_mix, .acc_grad too (27 GB more)."""
     if variant not in TAYLOR_VARIANTS:
         raise ValueError(f"taylor={variant!r}: allowed values are {', '.join(TAYLOR_VARIANTS)}")
     layers = decoder_layers(model)
     scores = _empty(model)
     owned = [(li, w, dim, kind, geometry(layer)[2]) for li, layer in enumerate(layers)
              for w, dim, kind in _coupled(layer)]
+    n = len(ids)
 
     def add(li, kind, dim, d, salience):
         red = salience.sum(dim=dim).abs() if variant == "vectorize" else salience.abs().sum(dim=dim)
         scores[kind][li] += _per_unit(red.double().cpu(), kind, d)
 
-    grads, sq = {}, {}
+    def first(li, w, dim, kind, d):  # W * g of the batch gradient
+        return lambda g: add(li, kind, dim, d, w.detach().float() * g.float())
+
+    def second(li, w, dim, kind, d):  # (W g_j)^2 / N of one sample's gradient: its share of W A W
+        return lambda g: add(li, kind, dim, d, (w.detach().float() * g.float()).square_() / n)
+
+    acc = {}  # param_mix: sum_j g_j^2 per element, in the weight's dtype
+
+    def accumulate(w):
+        def fold(g):
+            sq = g.float().square_()
+            if w in acc:
+                acc[w].add_(sq)
+            else:
+                acc[w] = sq.to(w.dtype)
+        return fold
+
+    def mix(li, w, dim, kind, d):  # W g - W A W / 2, then A is freed
+        def fold(g):
+            wf = w.detach().float()
+            add(li, kind, dim, d, wf * g.float() - 0.5 * wf * (acc.pop(w).float() / n) * wf)
+        return fold
+
     if variant in ("param_first", "vectorize"):
-        backward_folded(model, ids, {w: (lambda g, li=li, w=w, dim=dim, kind=kind, d=d:
-                                         add(li, kind, dim, d, w.detach().float() * g.float()))
-                                     for li, w, dim, kind, d in owned})
+        backward_folded(model, ids, {u[1]: first(*u) for u in owned})
         return _to_lists(scores)
+    per_sample = second if variant == "param_second" else (lambda li, w, dim, kind, d: accumulate(w))
+    for sample in bar(ids, desc=f"taylor {variant}", unit="sample"):  # A = sum_j g_j^2 / N, as hf_prune.py:131-143
+        backward_folded(model, sample[None], {u[1]: per_sample(*u) for u in owned})
     if variant == "param_mix":
-        backward_folded(model, ids, {w: (lambda g, w=w: grads.__setitem__(w, g.detach().float().clone()))
-                                     for _, w, _, _, _ in owned})
-    for sample in bar(ids, desc=f"taylor {variant}", unit="sample"):  # per-sample gradients: A = sum_j g_j^2 / N
-        backward_folded(model, sample[None], {w: (lambda g, w=w: sq.__setitem__(w, sq.get(w, 0) + g.float() ** 2))
-                                              for _, w, _, _, _ in owned})
-    for li, w, dim, kind, d in owned:
-        wf = w.detach().float()
-        s = wf * (sq[w] / len(ids)) * wf
-        add(li, kind, dim, d, s if variant == "param_second" else wf * grads[w] - 0.5 * s)
+        backward_folded(model, ids, {u[1]: mix(*u) for u in owned})
     return _to_lists(scores)
 
 
@@ -190,20 +213,25 @@ def wanda_sp_scores(model, ids: torch.Tensor, select, batch_size: int = 16) -> d
 
 
 class _Fluctuation:
-    """FLAP's BiasGPT statistics for one Linear input, updated one calibration sample at a time: the mean input
-    (baseline) and the fluctuation sum_t (x - mean_new)(x - mean_old), whose first sample contributes nothing."""
+    """FLAP's BiasGPT statistics for one Linear input, updated one calibration sample at a time (FLAP feeds its
+    blocks one sample per forward): the mean input (baseline) and the fluctuation, whose first sample contributes
+    nothing. The fluctuation term of a sample is sum_t (x - mean_new)(x - mean_old) by default (protocol=matched,
+    the Welford form), or with `in_place` sum_t (x - mean_new)^2 as FLAP computes it: lib/layerwrapper.py
+    BiasGPT.add_batch binds `old_baseline_inp` to the same tensor as `baseline_inp` and then updates that tensor
+    in place (`*=`, `+=`), so its "old" mean is the new one by the time the term is formed."""
 
-    def __init__(self):
-        self.n, self.mean, self.fluc = 0, None, None
+    def __init__(self, in_place: bool = False):
+        self.n, self.mean, self.fluc, self.in_place = 0, None, None, in_place
 
     def __call__(self, module, args):
         for x in args[0].detach().double():  # [T, D] per sample
             old = self.mean if self.mean is not None else torch.zeros(x.shape[-1], dtype=x.dtype, device=x.device)
             self.mean = old * self.n / (self.n + 1) + x.mean(dim=0) / (self.n + 1)
+            ref = self.mean if self.in_place else old
             if self.n == 0:
                 self.fluc = torch.zeros_like(self.mean)
             else:
-                self.fluc = self.fluc * (self.n - 1) / self.n + ((x - self.mean) * (x - old)).sum(dim=0) / (self.n + 1)
+                self.fluc = self.fluc * (self.n - 1) / self.n + ((x - self.mean) * (x - ref)).sum(dim=0) / (self.n + 1)
             self.n += 1
 
 
@@ -212,14 +240,15 @@ def _standardize(x: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def flap_scores(model, ids: torch.Tensor, batch_size: int = 16) -> dict:
+def flap_scores(model, ids: torch.Tensor, batch_size: int = 16, in_place: bool = False) -> dict:
     """FLAP (lib/prune.py::prune_flap, --metrics WIFV --structure AL-AM): statistics gathered through the unpruned
     network. Per input channel j of o_proj / down_proj: WIFV_j = fluctuation_j * ||W[:, j]||^2; attention's metric
     is squared; each is standardised over its layer; a head scores the mean of its channels. Key/value heads get
     no score of their own (their group is scored by its query heads). Also returns the mean input of every
-    channel (`o_mean`, `down_mean`), from which apply() builds the compensation bias."""
+    channel (`o_mean`, `down_mean`), from which apply() builds the compensation bias. `in_place`: FLAP's own
+    fluctuation update (protocol=native, `_Fluctuation`)."""
     layers = decoder_layers(model)
-    stats = [(_Fluctuation(), _Fluctuation()) for _ in layers]
+    stats = [(_Fluctuation(in_place), _Fluctuation(in_place)) for _ in layers]
     hooks = []
     for layer, (o, down) in zip(layers, stats):
         hooks += [layer.self_attn.o_proj.register_forward_pre_hook(o),
