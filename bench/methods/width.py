@@ -137,6 +137,13 @@ class WidthPruner:
         of matching the budget: LLM-Pruner under protocol=native."""
         return False
 
+    def counts(self, geo: list[LayerGeometry], budget: Budget) -> dict[int, tuple[int, int]]:
+        """{layer: (head units, channels) to remove}, uniform: under a native budget the original's rule at the
+        cell's ratio, otherwise the counts solved for the budget."""
+        if self.native_budget():
+            return self.uniform_counts(geo, budget.ratio)
+        return self.solve_counts(geo, budget.dense_params, self.target(budget))
+
     # --- deciding ------------------------------------------------------------------------------------------
 
     def layers(self, n_layers: int) -> list[int]:
@@ -256,8 +263,7 @@ class WidthPruner:
         """(per-layer removal specs, the uniform counts): the same head units and channels from every prunable
         layer, the lowest-scoring ones, counts solved for the budget."""
         native = self.native_budget()  # the original's own ratio, no matching (plan.target_params: for reference)
-        counts = (self.uniform_counts(geo, budget.ratio) if native
-                  else self.solve_counts(geo, budget.dense_params, self.target(budget)))
+        counts = self.counts(geo, budget)
         layers = {li: self._select_layer(li, geo[li], scores, c) for li, c in counts.items()}
         first, (h, c) = next(iter(counts.items()))  # uniform: every prunable layer has the same counts
         return layers, ({"ratio": budget.ratio} if native else {}) | {
@@ -424,13 +430,6 @@ class WandaSP(WidthPruner):
                        "layer, a unit being a key/value group with its query heads (kv_groups) or one query head "
                        "of every group (q_heads); the original handles multi-head attention only")
         return out
-
-    def counts(self, geo: list[LayerGeometry], budget: Budget) -> dict[int, tuple[int, int]]:
-        """Head units and channels removed per layer: native, the original's int(p n) at the cell's ratio;
-        matched, the uniform counts solved for the budget."""
-        if self.native_budget():
-            return self.uniform_counts(geo, budget.ratio)
-        return self.solve_counts(geo, budget.dense_params, self.target(budget))
 
     def native_budget(self) -> bool:
         return self.protocol == "native"
