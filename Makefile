@@ -26,7 +26,7 @@ GPU_WHEELS ?= .cache/gpu-wheels
 GPU_PY ?= $(if $(wildcard $(BIN)/python),$(BIN)/python,python3)
 OUT ?= results/gpu-check
 
-.PHONY: setup model test sweep sweep-extras tables plots bench-scoring bench-speed gpu-wheels gpu-check clean
+.PHONY: setup model test sweep sweep-extras tables plots bench-scoring bench-speed bench-zeroshot gpu-wheels gpu-check clean
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV_FLAGS) $(VENV)
@@ -63,6 +63,11 @@ plots: setup
 
 bench-scoring: model
 	$(BIN)/python -m bench.benchmarks.scoring
+
+# Context-once loglikelihood vs lm-eval's HFLM on smollm2-135m, the seven tasks' first N documents each, alternating:
+# times, ratio, max |loglikelihood difference|, equal accuracies (about 10 minutes on this CPU).
+bench-zeroshot: model
+	$(BIN)/python -m bench.benchmarks.zeroshot
 
 # Dense vs depth vs width on smollm2-135m on this CPU, interleaved, from the default sweep's plans (make sweep first):
 # eager at batch 1, 4, 16 and the compiled runtime at batch 1.

@@ -7,6 +7,10 @@
     accuracy_vs_speedup  zero-shot average against batch-1 speedup; the Pareto front (no other row is both more
                          accurate and faster) is drawn
     ppl_vs_params        WikiText-2 perplexity (log y) against parameters, depth and width apart
+    depth_vs_width       per ratio, zero-shot average difference (depth minus width, each family's best by average)
+                         against the batch-1 speedup difference, with 95% bootstrap intervals (bench.report.
+                         depth_vs_width); drawn where at least one interval can be computed (per-example records
+                         or speed rounds); a point without an interval is hollow
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from pathlib import Path
 import pandas as pd
 
 from bench.records import load_records
-from bench.report import main_table, speed_rows
+from bench.report import depth_vs_width, main_table, speed_rows
 
 KIND_MARKER = {"dense": "*", "depth": "o", "width": "s", "slice": "D"}
 
@@ -88,6 +92,35 @@ def per_batch(plt, sp: pd.DataFrame, metric: str, ylabel: str, out: Path, name: 
     return paths
 
 
+def depth_vs_width_figure(plt, pts: pd.DataFrame, out: Path) -> list[Path]:
+    """The depth-vs-width figure from bench.report.depth_vs_width's rows: one point per model x ratio, error bars
+    from the intervals (none where an interval is missing: the point is then hollow), zero lines: a point up and
+    to the right means depth is both more accurate and faster."""
+    pts = pts.dropna(subset=["acc_diff", "speedup_diff"]).reset_index(drop=True) if not pts.empty else pts
+    if pts.empty or pts[["acc_low", "speedup_low"]].isna().all().all():
+        return []
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for i, r in pts.iterrows():
+        xerr = None if pd.isna(r.speedup_low) else [[r.speedup_diff - r.speedup_low], [r.speedup_high - r.speedup_diff]]
+        yerr = None if pd.isna(r.acc_low) else [[r.acc_diff - r.acc_low], [r.acc_high - r.acc_diff]]
+        full = xerr is not None and yerr is not None
+        color = plt.get_cmap("tab10")(i % 10)
+        ax.errorbar([r.speedup_diff], [r.acc_diff], xerr=xerr, yerr=yerr, marker="o", capsize=3, ls="none",
+                    color=color, markerfacecolor=color if full else "none",
+                    label=f"{r.model} {r.ratio:g}: {r.depth} - {r.width}")
+    ax.axhline(0.0, color="grey", lw=0.8)
+    ax.axvline(0.0, color="grey", lw=0.8)
+    ax.set_xlabel(f"speedup difference at batch {pts.batch_size.iloc[0]:g} (depth - width)")
+    ax.set_ylabel("zero-shot average difference (points, depth - width)")
+    ax.set_title("each family's best by average; 95% bootstrap intervals (hollow: no interval on one axis)",
+                 fontsize=8)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    paths = _save(fig, out, "depth_vs_width")
+    plt.close(fig)
+    return paths
+
+
 def write_plots(results_dir: str | Path, out_dir: str | Path) -> list[Path]:
     df = load_records(results_dir)
     if df.empty:
@@ -137,7 +170,7 @@ def write_plots(results_dir: str | Path, out_dir: str | Path) -> list[Path]:
         ax.legend(fontsize=8)
         paths += _save(fig, out, "ppl_vs_params")
         plt.close(fig)
-    return paths
+    return paths + depth_vs_width_figure(plt, depth_vs_width(results_dir, df), out)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ kill redoes only the unit that was running: a full zero-shot pass is hours on a 
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
 import os
@@ -21,6 +22,7 @@ RECORDS = "records.jsonl"
 ERROR = "error.json"  # a failed cell: type, message, traceback and any rows measured before the failure
 PARTIAL = "partial.jsonl"  # an unfinished cell: its finished evaluation units (Progress)
 UNIT_SCRATCH = "partial_units"  # an unfinished unit's own checkpoints (lm-eval's request cache), one folder per unit
+EXAMPLES = "examples"  # per-document / per-window values of a unit (gzipped JSONL), for paired bootstrap statistics
 
 
 def write_atomic(path: Path, data: str | bytes) -> None:
@@ -36,6 +38,25 @@ def write_atomic(path: Path, data: str | bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_examples(path: Path, rows: Iterable[dict]) -> None:
+    """Per-example rows (one zero-shot document or perplexity window a line) as gzipped JSONL, atomically. The
+    gzip header holds no time stamp, so the same values give the same bytes (the files are committed)."""
+    text = "".join(json.dumps(r) + "\n" for r in rows)
+    write_atomic(path, gzip.compress(text.encode(), mtime=0))
+
+
+def read_examples(path: Path) -> list[dict]:
+    """The rows of a `write_examples` file, in order."""
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def examples_dir(progress) -> Path | None:
+    """Where a cell's units write their per-example files: `examples/` next to its partial.jsonl, or None for a
+    run without a cell directory (`Progress()`), which writes none."""
+    return Path(progress.path).parent / EXAMPLES if progress.path is not None else None
 
 
 def _tensor_summary(obj):

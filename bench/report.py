@@ -1,6 +1,6 @@
 """Report: paper-style tables from records alone (no torch, no models).
 
-    python -m bench.report results/default        # -> results/default/tables/main.{md,tex,csv}
+    python -m bench.report results/default        # -> results/default/tables/main.{md,tex,csv}, paired.{md,csv}
 
 Rows are model x method x ratio (dense first; per ratio depth, then width); columns the achieved parameters,
 the perplexities (WikiText-2 and PTB with one BOS, the official ppl.csv and the paper's numbers, then with a BOS
@@ -9,7 +9,10 @@ with their average, and where the speed stage ran, eager generation at the short
 the smallest batch, throughput (tokens/s) and the interleaved speedup against dense at every batch size.
 
 Markdown cells show the stderr; in Markdown and LaTeX (booktabs) the best pruned value of each column within a
-model and ratio is bold (lowest perplexity and latency, highest accuracy, throughput and speedup). The CSV holds
+model and ratio is bold (lowest perplexity and latency, highest accuracy, throughput and speedup) where it is
+significantly better than the runner-up (95%, bench.stats: paired bootstrap over the cells' per-document and
+per-window records, independent bootstrap over speed rounds); where those records are missing nothing is bold.
+paired.{md,csv} (`paired_table`) compare every pruned row with dense and with the other family's best. The CSV holds
 every value with its stderr and sample count. main.md opens with a caption (`caption`) built from the same
 records: how much was measured, on what, with which calibration and package versions; main.tex carries it as a
 `% caption:` comment block.
@@ -17,13 +20,17 @@ records: how much was measured, on what, with which calibration and package vers
 
 from __future__ import annotations
 
+import json
 import math
+import re
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
-from bench.records import load_records, write_atomic
+from bench import stats
+from bench.records import EXAMPLES, RECORDS, load_records, read_examples, write_atomic
 
 KEYS = ["model", "method", "ratio"]
 PPL_COLUMNS = [("wikitext2", "ppl", "WikiText2"), ("ptb", "ppl", "PTB"),
@@ -82,12 +89,28 @@ def metric_columns(table: pd.DataFrame) -> list[str]:
     return [c for c in table if f"{c} stderr" in table]  # every metric, in the table's order
 
 
-def best_mask(table: pd.DataFrame, col: str) -> pd.Series:
-    """True where a pruned row holds the best value of `col` among the pruned rows of its model and ratio."""
+def best_mask(table: pd.DataFrame, col: str, evidence: "Evidence | None" = None) -> pd.Series:
+    """True where a pruned row holds the best value of `col` among the pruned rows of its model and ratio.
+
+    With `evidence` (what write_tables passes), only where that best is also significantly better than the
+    runner-up (the next best pruned row of its model and ratio) at 95% (`Evidence.compare`): a tie, a group of one
+    pruned row, or a pair whose per-example or per-round records are missing is not bold."""
     pruned = table[table.kind != "dense"]
     lower = col.startswith(LOWER_IS_BETTER)
     best = pruned.groupby(["model", "ratio"])[col].transform("min" if lower else "max")
-    return (table[col] == best.reindex(table.index)) & table[col].notna() & (table.kind != "dense")
+    mask = (table[col] == best.reindex(table.index)) & table[col].notna() & (table.kind != "dense")
+    if evidence is None:
+        return mask
+    for (model, ratio), group in pruned.dropna(subset=[col]).groupby(["model", "ratio"]):
+        ranked = group.sort_values(col, ascending=lower, kind="stable")
+        if len(ranked) < 2:
+            mask[group.index] = False
+            continue
+        first, second = ranked.iloc[0], ranked.iloc[1]
+        result = evidence.compare(_key(first), _key(second), col)
+        if result is None or result["verdict"] != "a better":
+            mask[group.index] = False
+    return mask
 
 
 def _identity(table: pd.DataFrame) -> pd.DataFrame:
@@ -96,10 +119,10 @@ def _identity(table: pd.DataFrame) -> pd.DataFrame:
                          "removed %": table.removed_pct.map("{:.1f}".format)})
 
 
-def to_markdown(table: pd.DataFrame) -> str:
+def to_markdown(table: pd.DataFrame, evidence: "Evidence | None" = None) -> str:
     show = _identity(table)
     for col in metric_columns(table):
-        best = best_mask(table, col)
+        best = best_mask(table, col, evidence)
         show[col] = [f"**{_cell(v, s)}**" if b else _cell(v, s)
                      for v, s, b in zip(table[col], table[f"{col} stderr"], best)]
     return show.to_markdown(index=False, disable_numparse=True) + "\n"
@@ -116,10 +139,11 @@ def _tex(text: str) -> str:
         "_", "\\_").replace("#", "\\#")
 
 
-def to_latex(table: pd.DataFrame) -> str:
-    """A booktabs tabular: one block of rows per model and ratio, the best pruned value per column bold."""
+def to_latex(table: pd.DataFrame, evidence: "Evidence | None" = None) -> str:
+    """A booktabs tabular: one block of rows per model and ratio, the best pruned value per column bold (with
+    `evidence`: only where significantly better than the runner-up, as in main.md)."""
     cols = metric_columns(table)
-    ident, best = _identity(table), {col: best_mask(table, col) for col in cols}
+    ident, best = _identity(table), {col: best_mask(table, col, evidence) for col in cols}
     head = ["Model", "Method", "Ratio", "Params", "Removed \\%"] + [_tex(c) for c in cols]
     lines = ["\\begin{tabular}{lllrr" + "r" * len(cols) + "}", "\\toprule", " & ".join(head) + " \\\\",
              "\\midrule"]
@@ -201,11 +225,236 @@ def caption(df: pd.DataFrame) -> str:
         "Versions: " + _each(df, lambda r: ", ".join(f"{k} {_v(r, k)}" for k in VERSIONS)) + ".",
         "Cells: value ± stderr (over windows, examples or rounds; none for one sample or an average), "
         "- where not measured; bold: the best pruned value of its column within a model and ratio (lowest "
-        "perplexity and latency, highest accuracy, tokens/s and speedup); speedup: against dense in the same "
-        "interleaved rounds."]) + "\n"
+        "perplexity and latency, highest accuracy, tokens/s and speedup), only where it is significantly better "
+        "than the runner-up at 95% (paired bootstrap over documents or windows, or over speed rounds; "
+        "tables/paired.md), so no bold where that cannot be computed (cells without per-example records); "
+        "speedup: against dense in the same interleaved rounds."]) + "\n"
+
+
+# --- paired statistics --------------------------------------------------------------------------------------------
+
+NO_EXAMPLES = "no per-example records"
+ACCURACY = {col: task for task, col in ZEROSHOT_COLUMNS if task != "average"}
+PPL = {col: (task, metric) for task, metric, col in PPL_COLUMNS}
+SPEED = re.compile(r"^(?:(speedup|tok/s) bs(\S+)|latency bs(\S+) \(s\))$")
+FAMILY = {"dense": "dense", "depth": "depth", "width": "width", "slice": "width"}
+
+
+def _key(row) -> tuple:
+    return (row["model"], row["method"], float(row["ratio"]))
+
+
+def cell_dirs(results_dir: str | Path) -> dict[tuple, Path]:
+    """(model, method, ratio) -> the cell folder holding its records.jsonl (read from its first row)."""
+    dirs = {}
+    for path in sorted(Path(results_dir).rglob(RECORDS)):
+        try:
+            first = json.loads(next(line for line in path.read_text().splitlines() if line.strip()))
+            dirs[_key(first)] = path.parent
+        except (StopIteration, json.JSONDecodeError, KeyError, TypeError):
+            continue  # load_records warns about such a file
+    return dirs
+
+
+class Evidence:
+    """What the significance tests read: per-document zero-shot outcomes and per-window NLL sums from each cell's
+    examples/ folder, per-round speed values (the `raw` field) from the records. `compare(a, b, col)` gives the
+    statistic of row a against row b for one main-table column with its 95% interval and verdict, or None where
+    either side lacks the per-example or per-round records."""
+
+    def __init__(self, results_dir: str | Path, df: pd.DataFrame, n_resamples: int = stats.N_RESAMPLES):
+        self.dirs, self.n_resamples = cell_dirs(results_dir), n_resamples
+        has = "paper_metric" in df
+        zs = df[(df.stage == "zeroshot") & (df.paper_metric == True)] if has else df.iloc[0:0]  # noqa: E712
+        # the paper metric per task, from the records (bench.evals.zeroshot.PAPER_METRIC, without importing torch)
+        self.paper = {t: m for t, m in zip(zs.task, zs.metric) if t != "average"}
+        sp = speed_rows(df)
+        self.raw = {} if "raw" not in sp else {
+            (r["model"], r["method"], float(r["ratio"]), r["metric"], float(r["batch_size"])): r["raw"]
+            for r in sp.to_dict("records") if isinstance(r.get("raw"), list) and r["raw"]}
+        self._cache = {}
+
+    def _file(self, key: tuple, name: str) -> list[dict] | None:
+        path = self.dirs.get(key, Path("/nonexistent")) / EXAMPLES / name
+        if path not in self._cache:
+            self._cache[path] = read_examples(path) if path.exists() else None
+        return self._cache[path]
+
+    def _aligned(self, a: tuple, b: tuple, name: str, id_field: str, fields) -> tuple | None:
+        """Both cells' values of `fields` on the ids both files hold (non-null), in id order, or None."""
+        ra, rb = self._file(a, name), self._file(b, name)
+        if ra is None or rb is None:
+            return None
+        va = {r[id_field]: [r.get(f) for f in fields] for r in ra}
+        vb = {r[id_field]: [r.get(f) for f in fields] for r in rb}
+        ids = sorted(i for i in va.keys() & vb.keys() if None not in va[i] and None not in vb[i])
+        if not ids:
+            return None
+        return np.array([va[i] for i in ids], dtype=float), np.array([vb[i] for i in ids], dtype=float)
+
+    def task_distribution(self, a: tuple, b: tuple, task: str) -> tuple | None:
+        """(difference x100, its resamples, documents) of one task's paper metric; cached, because the task
+        average reuses every task's resamples. Each task draws from its own seed stream ([0, task index])."""
+        cache_key = ("task", a, b, task)
+        if cache_key not in self._cache:
+            pair = self._aligned(a, b, f"zeroshot_{task}.jsonl.gz", "doc_id", [self.paper.get(task, "acc")])
+            self._cache[cache_key] = None if pair is None else (
+                *stats.paired_distribution(pair[0][:, 0] * 100, pair[1][:, 0] * 100, stats.mean_difference,
+                                           self.n_resamples, [0, list(ACCURACY.values()).index(task)]),
+                len(pair[0]))
+        return self._cache[cache_key]
+
+    def compare(self, a: tuple, b: tuple, col: str) -> dict | None:
+        """Row a against row b on main-table column `col`: accuracy (a task or Avg, x100): difference a - b;
+        perplexity: ratio a / b; speedup against dense: a's mean per-round speedup; other speed columns: ratio of
+        the two cells' mean per-round values. verdict: `a better`, `b better` or `no significant difference`."""
+        higher = not col.startswith(LOWER_IS_BETTER)
+        if col in ACCURACY or col == "Avg":
+            tasks = [ACCURACY[col]] if col in ACCURACY else [t for t in ACCURACY.values() if t in self.paper]
+            found = [self.task_distribution(a, b, t) for t in tasks]
+            if not tasks or any(f is None for f in found):
+                return None
+            est, low, high = (float(np.mean([f[0] for f in found])),
+                              *stats.interval(np.mean([f[1] for f in found], axis=0)))
+            statistic, null, n = "difference (points)", 0.0, sum(f[2] for f in found)
+        elif col in PPL:
+            corpus, metric = PPL[col]
+            pair = self._aligned(a, b, f"ppl_{corpus}_{metric}.jsonl.gz", "window", ["nll_sum", "tokens"])
+            if pair is None:
+                return None
+            (est, low, high), statistic, null, n = (stats.ppl_ratio(*pair, self.n_resamples), "PPL ratio", 1.0,
+                                                    len(pair[0]))
+        elif SPEED.match(col):
+            name, b1, b2 = SPEED.match(col).groups()
+            metric = {"speedup": "speedup", "tok/s": "throughput_tok_s", None: "latency_s"}[name]
+            batch = float(b1 if b1 is not None else b2)
+            ra = self.raw.get((*a, metric, batch))
+            if metric == "speedup" and b[1] == "dense":
+                if ra is None:
+                    return None
+                (est, low, high), statistic, n = stats.speedup_mean(ra, self.n_resamples), "mean speedup", len(ra)
+            else:
+                rb = self.raw.get((*b, metric, batch))
+                if ra is None or rb is None:
+                    return None
+                (est, low, high), n = stats.speedup_ratio(ra, rb, self.n_resamples), len(ra) + len(rb)
+                statistic = "speedup ratio" if metric == "speedup" else "ratio of means"
+            null = 1.0
+        else:
+            return None
+        return {"statistic": statistic, "estimate": est, "low": low, "high": high, "n": n,
+                "verdict": stats.verdict(low, high, null, "a better", "b better", higher)}
+
+
+PAIRED_COLUMNS = ["model", "ratio", "method", "kind", "against", "metric", "statistic", "estimate", "low", "high",
+                  "n", "verdict"]
+
+
+def _paired_metrics(table: pd.DataFrame) -> list[str]:
+    """The columns paired.md compares: every accuracy and the average, every perplexity, every speedup."""
+    return [c for c in metric_columns(table) if c in ACCURACY or c == "Avg" or c in PPL or c.startswith("speedup")]
+
+
+def paired_table(results_dir: str | Path, df: pd.DataFrame | None = None,
+                 n_resamples: int = stats.N_RESAMPLES) -> pd.DataFrame:
+    """Every pruned row against dense and against the best row of the other family (depth vs width; SliceGPT
+    counts as width) at the same model and ratio, per metric: the best row is the other family's best value of
+    that metric. Accuracy: difference in points with a 95% paired bootstrap over documents (the average: each
+    task's documents resampled on their own, the mean of the per-task differences); perplexity: the ratio of PPLs,
+    paired over windows; speedup: against dense the mean per-round speedup, against the other family the ratio of
+    the two mean speedups (rounds resampled independently). 10,000 resamples, seeded. verdict: `<family> better`
+    or `no significant difference` at 95%; `no per-example records` where a side lacks them."""
+    df = load_records(results_dir) if df is None else df
+    table = main_table(df)
+    evidence = Evidence(results_dir, df, n_resamples)
+    out = []
+    for _, row in table[table.kind != "dense"].iterrows():
+        dense = table[(table.model == row.model) & (table.kind == "dense")]
+        other = table[(table.model == row.model) & (table.ratio == row.ratio) & (table.kind != "dense")
+                      & (table.kind.map(FAMILY) != FAMILY.get(row.kind))]
+        for col in _paired_metrics(table):
+            if pd.isna(row[col]):
+                continue
+            against = [] if dense.empty else [dense.iloc[0]]
+            candidates = other.dropna(subset=[col])
+            if not candidates.empty:
+                lower = col.startswith(LOWER_IS_BETTER)
+                against.append(candidates.sort_values(col, ascending=lower, kind="stable").iloc[0])
+            for b in against:
+                result = evidence.compare(_key(row), _key(b), col)
+                line = {"model": row.model, "ratio": row.ratio, "method": row.method, "kind": row.kind,
+                        "against": b.method, "metric": col}
+                if result is None:
+                    line |= {"statistic": "", "estimate": np.nan, "low": np.nan, "high": np.nan, "n": np.nan,
+                             "verdict": NO_EXAMPLES}
+                else:
+                    names = {"a better": f"{FAMILY.get(row.kind, row.kind)} better",
+                             "b better": f"{FAMILY.get(b.kind, b.kind)} better"}
+                    line |= result | {"verdict": names.get(result["verdict"], result["verdict"])}
+                out.append(line)
+    return pd.DataFrame(out, columns=PAIRED_COLUMNS)
+
+
+PAIRED_CAPTION = (
+    "Paired comparisons: every pruned row against dense and against the other family's best row (depth vs width, "
+    "SliceGPT as width) of the same metric at the same ratio. Accuracy (paper metric, x100): difference, row minus "
+    "against, 95% paired-bootstrap interval (documents resampled jointly; Avg: each task resampled on its own, the "
+    "mean of the per-task differences); perplexity: PPL ratio, row over against, bootstrap over windows; speedup: "
+    "against dense the mean per-round speedup, against the other family the ratio of mean speedups (rounds "
+    "resampled independently). 10,000 resamples, seed 0; verdict at 95%.")
+
+
+def paired_markdown(paired: pd.DataFrame) -> str:
+    show = paired[["model", "ratio", "method", "against", "metric", "statistic"]].copy()
+    show["ratio"] = show.ratio.map("{:g}".format)
+    show["estimate [95% CI]"] = ["-" if pd.isna(e) else f"{e:.3f} [{lo:.3f}, {hi:.3f}]"
+                                 for e, lo, hi in zip(paired.estimate, paired.low, paired.high)]
+    show["n"] = paired.n.map(lambda v: "-" if pd.isna(v) else f"{v:g}")
+    show["verdict"] = paired.verdict
+    return PAIRED_CAPTION + "\n\n" + show.to_markdown(index=False, disable_numparse=True) + "\n"
+
+
+def depth_vs_width(results_dir: str | Path, df: pd.DataFrame | None = None,
+                   n_resamples: int = stats.N_RESAMPLES) -> pd.DataFrame:
+    """Per model and ratio, each family's best row by zero-shot average: the accuracy difference depth minus
+    width (points, paired bootstrap; the records' difference and a NaN interval without per-example records) and
+    the difference of their mean speedups at the smallest batch (rounds resampled independently; the records'
+    difference and a NaN interval without rounds)."""
+    df = load_records(results_dir) if df is None else df
+    table = main_table(df)
+    if "Avg" not in table:
+        return pd.DataFrame()
+    evidence = Evidence(results_dir, df, n_resamples)
+    sp = speed_rows(df)
+    batch = None if sp.empty else sp.batch_size.min()
+    out = []
+    for (model, ratio), group in table[table.kind != "dense"].dropna(subset=["Avg"]).groupby(["model", "ratio"]):
+        best = {fam: part.sort_values("Avg", ascending=False, kind="stable").iloc[0]
+                for fam, part in group.groupby(group.kind.map(FAMILY))}
+        if not {"depth", "width"} <= best.keys():
+            continue
+        d, w = best["depth"], best["width"]
+        acc = evidence.compare(_key(d), _key(w), "Avg")
+        line = {"model": model, "ratio": ratio, "depth": d.method, "width": w.method,
+                "acc_diff": d.Avg - w.Avg if acc is None else acc["estimate"],
+                "acc_low": np.nan if acc is None else acc["low"], "acc_high": np.nan if acc is None else acc["high"],
+                "speedup_diff": np.nan, "speedup_low": np.nan, "speedup_high": np.nan, "batch_size": batch}
+        if batch is not None and f"speedup bs{batch:g}" in table:  # the point without rounds; replaced below
+            line["speedup_diff"] = d[f"speedup bs{batch:g}"] - w[f"speedup bs{batch:g}"]
+        rd = evidence.raw.get((*_key(d), "speedup", float(batch))) if batch is not None else None
+        rw = evidence.raw.get((*_key(w), "speedup", float(batch))) if batch is not None else None
+        if rd is not None and rw is not None:
+            line["speedup_diff"], line["speedup_low"], line["speedup_high"] = stats.speedup_difference(
+                rd, rw, n_resamples)
+        out.append(line)
+    return pd.DataFrame(out)
+
+
+PAIRED_MD, PAIRED_CSV = "paired.md", "paired.csv"
 
 
 def write_tables(results_dir: str | Path) -> list[Path]:
+    """tables/main.{md,tex,csv} and tables/paired.{md,csv}; returns the three main paths (callers unpack them)."""
     results_dir = Path(results_dir)
     df = load_records(results_dir)
     if df.empty:
@@ -213,11 +462,15 @@ def write_tables(results_dir: str | Path) -> list[Path]:
     table = main_table(df)
     out = results_dir / "tables"
     text = caption(df)
-    write_atomic(out / "main.md", text + "\n" + to_markdown(table))
+    evidence = Evidence(results_dir, df)
+    write_atomic(out / "main.md", text + "\n" + to_markdown(table, evidence))
     write_atomic(out / "main.tex", "% caption:\n" + "".join(f"% {line}\n" for line in text.splitlines())
-                 + to_latex(table))
+                 + to_latex(table, evidence))
     write_atomic(out / "main.csv", table.to_csv(index=False))
-    return [out / "main.md", out / "main.tex", out / "main.csv"]
+    paired = paired_table(results_dir, df)
+    write_atomic(out / PAIRED_MD, paired_markdown(paired))
+    write_atomic(out / PAIRED_CSV, paired.to_csv(index=False))
+    return [out / "main.md", out / "main.tex", out / "main.csv"]  # paired.{md,csv} beside them (PAIRED_MD, ..)
 
 
 if __name__ == "__main__":
@@ -225,4 +478,6 @@ if __name__ == "__main__":
         sys.exit("usage: python -m bench.report RESULTS_DIR")
     for path in write_tables(sys.argv[1]):
         print(path)
+    for name in (PAIRED_MD, PAIRED_CSV):
+        print(Path(sys.argv[1]) / "tables" / name)
     print((Path(sys.argv[1]) / "tables" / "main.md").read_text())

@@ -133,6 +133,7 @@ SCHEMA: dict[str, Rule] = {
     "eval.zeroshot.tasks": Rule(choices=TASKS, many=True),
     "eval.zeroshot.limit": positive(null=True),
     "eval.zeroshot.batch_size": positive(also=("auto",)),
+    "eval.zeroshot.backend": Rule(choices=("context_once", "hflm")),
     "eval.speed.runtimes": Rule(choices=RUNTIMES, many=True),
     "eval.speed.batch_sizes": positive(many=True),
     "eval.speed.new_tokens": positive(many=True),

@@ -31,8 +31,10 @@ def test_cli_runs_a_cell_and_skips_it_on_rerun(tmp_path, data_root):
     first = cli(*args, data_root=data_root, tmp_path=tmp_path)
     assert first.returncode == 0, first.stderr
     cell = tmp_path / "res" / "tiny-llama" / "depth_taylor+" / "r0.25"
-    assert sorted(p.name for p in cell.iterdir()) == ["calib.pt", "config.yaml", "plan.json", "records.jsonl",
-                                                       "scores.csv"]
+    assert sorted(p.name for p in cell.iterdir()) == ["calib.pt", "config.yaml", "examples", "plan.json",
+                                                       "records.jsonl", "scores.csv"]
+    assert sorted(p.name for p in (cell / "examples").iterdir()) == [
+        f"ppl_{corpus}_{metric}.jsonl.gz" for corpus in ("ptb", "wikitext2") for metric in ("ppl", "ppl_bos")]
     rows = [json.loads(line) for line in (cell / "records.jsonl").read_text().splitlines()]
     assert len(rows) == 4
     for key in ("model", "method", "ratio", "params", "stage", "task", "metric", "value", "seed", "torch",
@@ -144,7 +146,7 @@ def test_interrupted_cell_redoes_only_the_unfinished_units(cfg_for, monkeypatch,
 
     args = ("model=tiny-llama", "method=depth_magnitude", "ratio=0.25", "eval.ppl.max_windows=2",
             "eval.ppl.bos_modes=[once,every]")
-    real, calls = ppl.perplexity, []
+    real, calls = ppl.window_nll, []  # one call per perplexity unit
 
     def failing_third(*a, **k):
         calls.append(1)
@@ -152,7 +154,7 @@ def test_interrupted_cell_redoes_only_the_unfinished_units(cfg_for, monkeypatch,
             raise RuntimeError("injected failure in the third unit")
         return real(*a, **k)
 
-    monkeypatch.setattr(ppl, "perplexity", failing_third)
+    monkeypatch.setattr(ppl, "window_nll", failing_third)
     with pytest.raises(RuntimeError, match="injected"):
         run_cell(cfg_for(*args))
     cell = tmp_path / "results" / "tiny-llama" / "depth_magnitude+" / "r0.25"
@@ -161,7 +163,7 @@ def test_interrupted_cell_redoes_only_the_unfinished_units(cfg_for, monkeypatch,
     assert not (cell / "records.jsonl").exists() and (cell / "error.json").exists()
 
     calls.clear()
-    monkeypatch.setattr(ppl, "perplexity", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(ppl, "window_nll", lambda *a, **k: calls.append(1) or real(*a, **k))
     run_cell(cfg_for(*args))
     assert len(calls) == 2  # the two PTB units only
     assert not (cell / "partial.jsonl").exists() and not (cell / "error.json").exists()

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 import bench.evals.perplexity as perplexity
 from bench import BenchError
@@ -77,7 +78,8 @@ def test_failing_cell_is_recorded_and_the_sweep_goes_on(tmp_path, data_root):
 
 
 def test_nan_perplexity_fails_the_cell_with_its_rows(cfg_for, monkeypatch):
-    monkeypatch.setattr(perplexity, "perplexity", lambda *a, **k: (float("nan"), float("nan")))
+    monkeypatch.setattr(perplexity, "window_nll",
+                        lambda model, wins, *a, **k: torch.full((len(wins),), float("nan"), dtype=torch.float64))
     cfg = cfg_for("model=tiny-llama", "method=depth_magnitude", "ratio=0.25", "eval.ppl.max_windows=1")
     with pytest.raises(BenchError, match="perplexity on wikitext2 is nan"):
         run_cell(cfg)

@@ -137,6 +137,7 @@ def test_killed_task_resumes_from_its_answered_requests(cfg_for, monkeypatch, tm
     from bench.runner import run_cell
 
     args = ("model=tiny-llama", "method=dense", f"data_root={DATA}", "eval.stages=[zeroshot]",
+            "eval.zeroshot.backend=hflm",  # counts HFLM's own forwards (the context-once twin: test_context_once.py)
             "eval.zeroshot.tasks=[piqa]", "eval.zeroshot.limit=2", "eval.zeroshot.batch_size=1")
     real, calls, kill_at = HFLM._model_call, [], [3]
 

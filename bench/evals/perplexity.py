@@ -20,12 +20,13 @@ from __future__ import annotations
 import logging
 import math
 import time
+from pathlib import Path
 
 import torch
 
 from bench.data import text_rows
 from bench.progress import bar
-from bench.records import Progress
+from bench.records import Progress, examples_dir, write_examples
 
 log = logging.getLogger("bench.ppl")
 
@@ -67,7 +68,11 @@ def window_nll(model, wins: torch.Tensor, batch_size: int, desc: str = "ppl") ->
 
 def perplexity(model, wins: torch.Tensor, batch_size: int, desc: str = "ppl") -> tuple[float, float]:
     """(PPL, stderr). Windows have equal length, so the mean of window means is the token mean."""
-    nll = window_nll(model, wins, batch_size, desc)
+    return _ppl_stderr(window_nll(model, wins, batch_size, desc))
+
+
+def _ppl_stderr(nll: torch.Tensor) -> tuple[float, float]:
+    """(PPL, stderr) from the per-window mean NLLs."""
     mean = nll.mean().item()
     se = nll.std().item() / math.sqrt(len(nll)) if len(nll) > 1 else float("nan")
     return math.exp(mean), math.exp(mean) * se
@@ -79,23 +84,34 @@ def evaluate(model, tokenizer, cfg, dense=None, progress: Progress | None = None
     if cfg.model.get("ppl_bos_every") and "every" not in bos_modes:
         bos_modes.append("every")  # Gemma without a BOS per window is catastrophic (methods.md section 2.1)
     settings = {k: pcfg.get(k) for k in ("seq_len", "batch_size", "max_windows")}
-    rows = []
+    rows, examples = [], examples_dir(progress)
     for name in pcfg.datasets:
         text_rows_, source = text_rows(name, cfg.get("data_root") or None)
         ids = tokenizer("\n\n".join(text_rows_), return_tensors="pt", add_special_tokens=False).input_ids[0]
         for bos in bos_modes:
             rows += progress.run(f"ppl/{name}/{bos}", settings | {"source": source, "bos": bos},
-                                 lambda: [_corpus_row(model, tokenizer, ids, pcfg, name, bos, source)])
+                                 lambda: [_corpus_row(model, tokenizer, ids, pcfg, name, bos, source, examples)])
     return rows
 
 
-def _corpus_row(model, tokenizer, ids: torch.Tensor, pcfg, name: str, bos: str, source: str) -> dict:
+def _corpus_row(model, tokenizer, ids: torch.Tensor, pcfg, name: str, bos: str, source: str,
+                examples: Path | None = None) -> dict:
+    """The corpus x BOS mode row. With an `examples` folder, also `ppl_<corpus>_<metric>.jsonl.gz` there: per
+    window its NLL sum and target count (PPL = exp(sum of sums / sum of counts)), for paired bootstraps over
+    windows; the row names it (`examples`, relative to the cell directory)."""
     t0 = time.perf_counter()
     wins = windows(ids, pcfg.seq_len, tokenizer.bos_token_id, bos)
     if pcfg.get("max_windows"):
         wins = wins[: pcfg.max_windows]
-    ppl, se = perplexity(model, wins, pcfg.batch_size, f"ppl {name} {METRIC[bos]}")
+    nll = window_nll(model, wins, pcfg.batch_size, f"ppl {name} {METRIC[bos]}")
+    ppl, se = _ppl_stderr(nll)
     elapsed = time.perf_counter() - t0
     log.info("%s %s: %.3f +- %.3f (%d windows, %.1f s)", name, METRIC[bos], ppl, se, len(wins), elapsed)
-    return {"stage": "ppl", "task": name, "metric": METRIC[bos], "value": ppl, "stderr": se, "n": len(wins),
-            "unit": "", "seq_len": pcfg.seq_len, "data_source": source, "elapsed_s": elapsed}
+    row = {"stage": "ppl", "task": name, "metric": METRIC[bos], "value": ppl, "stderr": se, "n": len(wins),
+           "unit": "", "seq_len": pcfg.seq_len, "data_source": source, "elapsed_s": elapsed}
+    if examples is not None:
+        file, targets = f"ppl_{name}_{METRIC[bos]}.jsonl.gz", wins.shape[1] - 1  # every window scores T-1 tokens
+        write_examples(examples / file, [{"window": i, "nll_sum": m * targets, "tokens": targets}
+                                         for i, m in enumerate(nll.tolist())])
+        row["examples"] = f"{examples.name}/{file}"
+    return row

@@ -1,6 +1,8 @@
 """Zero-shot accuracy through lm-eval on the paper's seven tasks, on the pruned model held in memory.
 
-lm-eval's `simple_evaluate` with `HFLM(pretrained=<model>)`: no save and reload. Online, lm-eval's built-in tasks
+lm-eval's `simple_evaluate` on the model object (no save and reload), through the context-once backend
+(bench/evals/context_once.py: each document's shared context is run once, the same loglikelihoods as HFLM to
+1e-4; `eval.zeroshot.backend=hflm` for lm-eval's stock HFLM). Online, lm-eval's built-in tasks
 (the hub datasets). Offline (a data root), local variants: each is a task YAML that *includes* the built-in one
 and overrides only the dataset, pointing it at the same documents converted to the hub schema from the files in
 the data root (shared/data/README.md gives their formats). Prompts, choices, targets and metrics are therefore
@@ -11,7 +13,9 @@ winogrande acc, arc_easy acc, arc_challenge acc_norm, openbookqa acc_norm; both 
 is one `simple_evaluate` call and one resumable unit of the cell (bench.records.Progress): a full pass of the
 seven is hours on a CPU, and a killed run redoes only the task it was in, and of that task only the requests it
 had not answered (lm-eval's request cache, `use_cache`, in the unit's checkpoint folder). After such a resume the
-task's `elapsed_s` is the resumed call's wall time.
+task's `elapsed_s` is the resumed call's wall time. Each task's per-document results (correct under acc and
+acc_norm, the choices' loglikelihoods) go to the cell's `examples/zeroshot_<task>.jsonl.gz` (bench.stats pairs
+them across methods).
 
     python -m bench method=depth_ppl eval.stages=[zeroshot] eval.zeroshot.limit=50
 """
@@ -29,7 +33,7 @@ from pathlib import Path
 
 from bench import BenchError
 from bench.progress import enabled as progress_enabled
-from bench.records import Progress
+from bench.records import Progress, examples_dir
 
 log = logging.getLogger("bench.zeroshot")
 
@@ -140,7 +144,7 @@ def task_manager(include_path: str | None, tasks: tuple[str, ...] = ()):
 
 
 def evaluate(model, tokenizer, cfg, dense=None, progress: Progress | None = None) -> list[dict]:
-    from lm_eval.models.huggingface import HFLM
+    from bench.evals.context_once import make_lm
 
     zcfg, progress = cfg.eval.zeroshot, progress or Progress()
     data_root = cfg.get("data_root") or None
@@ -151,16 +155,17 @@ def evaluate(model, tokenizer, cfg, dense=None, progress: Progress | None = None
     else:
         manager = task_manager(None)
     source = "local" if data_root else "hub"
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=zcfg.batch_size)
+    lm = make_lm(model, tokenizer, zcfg.batch_size, zcfg.get("backend", "context_once"))  # bench.evals.context_once
     if not progress_enabled():
         quiet_requests(lm)
     settings = {"limit": zcfg.get("limit"), "batch_size": zcfg.batch_size, "seed": int(cfg.seed), "source": source,
-                "lm_eval": _lm_eval_version()}
-    rows = []
+                "lm_eval": _lm_eval_version(), "backend": zcfg.get("backend", "context_once")}
+    rows, examples = [], examples_dir(progress)
     for task in tasks:
         rows += progress.run(f"zeroshot/{task}", settings,
                              lambda folder: task_rows(lm, task, f"{task}_local" if data_root else task, manager,
-                                                      zcfg, int(cfg.seed), source, folder), resumable=True)
+                                                      zcfg, int(cfg.seed), source, folder, examples),
+                             resumable=True)
     paper = [r["value"] for r in rows if r["paper_metric"]]
     if len(paper) == len(TASKS):
         rows.append({"stage": "zeroshot", "task": "average", "metric": "paper", "value": sum(paper) / len(paper),
@@ -178,26 +183,37 @@ def quiet_requests(lm) -> None:
 
 
 def task_rows(lm, task: str, name: str, manager, zcfg, seed: int, source: str,
-              checkpoints: Path | None = None) -> list[dict]:
+              checkpoints: Path | None = None, examples: Path | None = None) -> list[dict]:
     """One task through lm-eval's `simple_evaluate`, 0-shot: a row per metric (acc, acc_norm) with its stderr.
 
     With a `checkpoints` folder, lm-eval stores each answered request there as it goes (sqlite, about 0.5 ms a
-    request) and answers stored ones from it, so a killed pass resumes where it stopped.
+    request) and answers stored ones from it, so a killed pass resumes where it stopped. With an `examples` folder
+    (the cell's `examples/`), the task's per-document results go to `zeroshot_<task>.jsonl.gz` there
+    (`_examples`), before the unit's rows are stored, so a reused unit has its file; the rows name it.
     """
     from lm_eval import simple_evaluate
     from lm_eval.api.model import CacheHook
 
+    from bench.records import write_examples
+
     t0 = time.perf_counter()
+    task_obj = manager.load([name])["tasks"][name]  # built here to turn the logged samples into documents' rows
     try:
-        out = simple_evaluate(model=lm, tasks=[name], num_fewshot=0, limit=zcfg.get("limit"), task_manager=manager,
-                              log_samples=False, random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
-                              use_cache=str(checkpoints / "requests") if checkpoints else None)
+        out = simple_evaluate(model=lm, tasks=[task_obj], num_fewshot=0, limit=zcfg.get("limit"),
+                              task_manager=manager, log_samples=True, random_seed=seed, numpy_random_seed=seed,
+                              torch_random_seed=seed, use_cache=str(checkpoints / "requests") if checkpoints else None)
     finally:
         if checkpoints and lm.cache_hook.dbdict is not None:  # the request cache lm-eval hooked into the model
             lm.cache_hook.dbdict.close()
             lm.set_cache_hook(CacheHook(None))
     elapsed = time.perf_counter() - t0
     res, n = out["results"][name], out["n-samples"][name]["effective"]
+    extra = {}
+    if examples is not None:
+        file = f"zeroshot_{task}.jsonl.gz"
+        write_examples(examples / file, sorted((_examples(task_obj, s) for s in out["samples"][name]),
+                                               key=lambda r: r["doc_id"]))
+        extra = {"examples": f"{examples.name}/{file}"}
     rows = []
     for metric in ("acc", "acc_norm"):
         if f"{metric},none" not in res:
@@ -205,9 +221,29 @@ def task_rows(lm, task: str, name: str, manager, zcfg, seed: int, source: str,
         se = res.get(f"{metric}_stderr,none")
         rows.append({"stage": "zeroshot", "task": task, "metric": metric, "value": res[f"{metric},none"],
                      "stderr": se if isinstance(se, float) else None, "n": n, "unit": "",
-                     "paper_metric": metric == PAPER_METRIC[task], "data_source": source, "elapsed_s": elapsed})
+                     "paper_metric": metric == PAPER_METRIC[task], "data_source": source, "elapsed_s": elapsed}
+                    | extra)
     log.info("%s: %s %.4f (n=%d, %.0f s)", task, PAPER_METRIC[task], res[f"{PAPER_METRIC[task]},none"], n, elapsed)
     return rows
+
+
+def _examples(task_obj, sample: dict) -> dict:
+    """One document's row from lm-eval's logged sample, computed as lm-eval's multiple-choice `process_results`
+    does: chosen = argmax of the choices' logliks, chosen_norm = argmax of logliks / choice length in characters,
+    gold the target's index (for a task with the choices in the context, winogrande, `doc_to_text`). acc and
+    acc_norm are the sample's own metrics (acc_norm None where the task has none)."""
+    import numpy as np
+
+    doc = sample["doc"]
+    choices = task_obj.doc_to_choice(doc)
+    lls = [float(resp[0]) for resp in sample["filtered_resps"]][: len(choices)]  # (loglik, is_greedy) per choice
+    gold = task_obj.doc_to_text(doc) if task_obj.multiple_input else task_obj.doc_to_target(doc)
+    gold = choices.index(gold) if isinstance(gold, str) else int(gold)
+    lengths = np.array([float(len(c)) for c in choices])
+    return {"doc_id": int(sample["doc_id"]), "acc": int(sample["acc"]),
+            "acc_norm": int(sample["acc_norm"]) if "acc_norm" in sample else None, "gold": gold,
+            "chosen": int(np.argmax(lls)), "chosen_norm": int(np.argmax(np.array(lls) / lengths)), "loglik": lls,
+            "gold_loglik": lls[gold]}
 
 
 def _lm_eval_version() -> str:
