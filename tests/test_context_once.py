@@ -3,7 +3,6 @@ is-greedy and accuracies identical, the request cache resumes, unsupported model
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -128,35 +127,3 @@ def test_accuracies_equal_and_backend_choice(cfg_for):
         (r["task"], r["metric"], r["value"]) for r in rows["context_once"]]
     with pytest.raises(BenchError, match="eval.zeroshot.backend='vllm': allowed values are context_once, hflm"):
         validate(cfg_for(*args, "eval.zeroshot.backend=vllm"))
-
-
-@needs_data
-def test_killed_task_resumes_from_its_answered_requests(cfg_for, monkeypatch, tmp_path):
-    """As tests/test_zeroshot.py's, with the context-once backend: piqa's 2 documents are 2 packed forwards at batch
-    size 1; killed in the second, the rerun asks the model only for the second document and gives the rows of an
-    uninterrupted run."""
-    from bench.runner import run_cell
-
-    args = ("model=tiny-llama", "method=dense", f"data_root={DATA}", "eval.stages=[zeroshot]",
-            "eval.zeroshot.tasks=[piqa]", "eval.zeroshot.limit=2", "eval.zeroshot.batch_size=1",
-            "eval.zeroshot.backend=context_once")
-    real, calls, kill_at = ContextOnceLM._packed_call, [], [2]
-
-    def killed_in_second(self, *a, **kw):
-        calls.append(1)
-        if len(calls) in kill_at:
-            raise KeyboardInterrupt("killed")
-        return real(self, *a, **kw)
-
-    monkeypatch.setattr(ContextOnceLM, "_packed_call", killed_in_second)
-    with pytest.raises(KeyboardInterrupt):
-        run_cell(cfg_for(*args))
-    calls.clear(), kill_at.clear()
-    out = run_cell(cfg_for(*args))
-    assert len(calls) == 1
-    calls.clear()
-    fresh = run_cell(cfg_for(*args, f"out_dir={tmp_path / 'fresh'}"))
-    assert len(calls) == 2
-    resumed, expected = ([json.loads(line) for line in (cell / "records.jsonl").open()] for cell in (out, fresh))
-    assert [r["metric"] for r in resumed] == [r["metric"] for r in expected] == ["acc", "acc_norm"]
-    assert [r["value"] for r in resumed] == pytest.approx([r["value"] for r in expected])

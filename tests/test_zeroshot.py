@@ -126,37 +126,44 @@ def test_zeroshot_task_is_a_resumable_unit(cfg_for, monkeypatch):
 
 
 @needs_data
-def test_killed_task_resumes_from_its_answered_requests(cfg_for, monkeypatch, tmp_path):
-    """Killed after 2 of piqa's 4 requests, the rerun asks the model only for the other 2 and gives the rows of an
-    uninterrupted run; the finished cell leaves no checkpoint folder behind."""
+@pytest.mark.parametrize("backend, forward, kill_at, rerun_calls, fresh_calls", [
+    ("hflm", "_model_call", 3, 2, 4),              # one forward per request: killed after 2 of piqa's 4
+    ("context_once", "_packed_call", 2, 1, 2),     # one packed forward per document: killed in the second
+])
+def test_killed_task_resumes_from_its_answered_requests(cfg_for, monkeypatch, tmp_path, backend, forward, kill_at,
+                                                         rerun_calls, fresh_calls):
+    """Killed partway through piqa, the rerun asks the model only for the requests it had not answered and gives
+    the rows of an uninterrupted run, with either backend; the finished cell leaves no checkpoint folder behind."""
     import json
 
     from lm_eval.models.huggingface import HFLM
 
+    from bench.evals.context_once import ContextOnceLM
     from bench.records import UNIT_SCRATCH
     from bench.runner import run_cell
 
     args = ("model=tiny-llama", "method=dense", f"data_root={DATA}", "eval.stages=[zeroshot]",
-            "eval.zeroshot.backend=hflm",  # counts HFLM's own forwards (the context-once twin: test_context_once.py)
-            "eval.zeroshot.tasks=[piqa]", "eval.zeroshot.limit=2", "eval.zeroshot.batch_size=1")
-    real, calls, kill_at = HFLM._model_call, [], [3]
+            f"eval.zeroshot.backend={backend}", "eval.zeroshot.tasks=[piqa]", "eval.zeroshot.limit=2",
+            "eval.zeroshot.batch_size=1")
+    cls = HFLM if backend == "hflm" else ContextOnceLM
+    real, calls, kills = getattr(cls, forward), [], [kill_at]
 
-    def killed_after_two(self, *a, **kw):
+    def killed(self, *a, **kw):
         calls.append(1)
-        if len(calls) in kill_at:
+        if len(calls) in kills:
             raise KeyboardInterrupt("killed")
         return real(self, *a, **kw)
 
-    monkeypatch.setattr(HFLM, "_model_call", killed_after_two)
+    monkeypatch.setattr(cls, forward, killed)
     with pytest.raises(KeyboardInterrupt):
         run_cell(cfg_for(*args))
-    calls.clear(), kill_at.clear()
+    calls.clear(), kills.clear()
     out = run_cell(cfg_for(*args))
-    assert len(calls) == 2
+    assert len(calls) == rerun_calls
     assert not (out / UNIT_SCRATCH).exists()
     calls.clear()
     fresh = run_cell(cfg_for(*args, f"out_dir={tmp_path / 'fresh'}"))
-    assert len(calls) == 4
+    assert len(calls) == fresh_calls
     resumed, expected = ([json.loads(line) for line in (cell / "records.jsonl").open()] for cell in (out, fresh))
     assert [r["metric"] for r in resumed] == [r["metric"] for r in expected] == ["acc", "acc_norm"]
     assert [r["value"] for r in resumed] == pytest.approx([r["value"] for r in expected])
