@@ -29,24 +29,28 @@ def ids_of(texts) -> torch.Tensor:
     return torch.tensor([enc(t) for t in texts])
 
 
+def shortened_llm_draws(seed: int, n: int = 4) -> list[tuple[int, int]]:
+    """(row, offset) of each window by get_examples / get_bookcorpus: random.seed; row i = randint(0, N-1) until
+    len >= L and unseen; offset j = randint(0, len-L)."""
+    random.seed(seed)
+    draws, seen = [], []
+    for _ in range(n):
+        while True:
+            i = random.randint(0, len(ROWS) - 1)
+            if len(ROWS[i]) >= L and i not in seen:
+                seen.append(i)
+                break
+        draws.append((i, random.randint(0, len(ROWS[i]) - L)))
+    return draws
+
+
 def test_byte_tokenizer_is_one_token_per_character():
     assert [len(enc(r)) for r in ROWS] == LENGTHS and TOK("ab").input_ids == enc("ab")
 
 
 @pytest.mark.parametrize("name,seed", [("shortened_llm", 1234), ("llm_pruner", 42)])
 def test_shortened_llm_and_llm_pruner(name, seed):
-    # get_examples / get_bookcorpus: random.seed; row i = randint(0, N-1) until len >= L and unseen;
-    # j = randint(0, len-L)
-    random.seed(seed)
-    want, seen = [], []
-    for _ in range(4):
-        while True:
-            i = random.randint(0, len(ROWS) - 1)
-            if len(ROWS[i]) >= L and i not in seen:
-                seen.append(i)
-                break
-        j = random.randint(0, len(ROWS[i]) - L)
-        want.append(ROWS[i][j:j + L])
+    want = [ROWS[i][j:j + L] for i, j in shortened_llm_draws(seed)]
     assert torch.equal(SAMPLERS[name](ROWS, TOK, 4, L, seed), ids_of(want))
 
 
@@ -127,16 +131,7 @@ def test_short_transformers():
 
 def test_bos_every_is_shortened_llms_rule():
     # --add_bos_to_every: tokenize without specials, same draws, window = [BOS] + ids[j:j + L - 1]
-    random.seed(1234)
-    want, seen = [], []
-    for _ in range(4):
-        while True:
-            i = random.randint(0, len(ROWS) - 1)
-            if len(ROWS[i]) >= L and i not in seen:
-                seen.append(i)
-                break
-        j = random.randint(0, len(ROWS[i]) - L)
-        want.append([BOS] + enc(ROWS[i][j:j + L - 1]))
+    want = [[BOS] + enc(ROWS[i][j:j + L - 1]) for i, j in shortened_llm_draws(1234)]
     assert torch.equal(SAMPLERS["shortened_llm"](ROWS, TOK, 4, L, 1234, bos_every=True), torch.tensor(want))
 
 
