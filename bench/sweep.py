@@ -6,6 +6,15 @@ runs it, can log which cell it is (`cell 3/16: smollm2-135m depth_taylor+ r0.2`,
 `status.json` (ran | skipped | failed, the cell, the error) into its Hydra job directory; `SweepSummary` reads
 them all when the multirun ends, with any launcher (in-process, submitit local or SLURM: the jobs' directories are
 on a shared filesystem), logs the counts and the failures and writes `summary.json` into the sweep directory.
+
+Inside a SLURM task (one cell per process) SIGTERM ends the cell with `Terminated`: SLURM sends it on `scancel`, at
+the time limit and on preemption, KillWait seconds (30 by default) before SIGKILL. The cell writes its error.json,
+the job its status.json and submitit its result, so the submitting process counts the cell as failed and goes on,
+instead of waiting for sacct to report a task that died without a result (a cluster without accounting never does).
+The rerun of the same command redoes the cell from its finished units. SIGUSR2 (the time limit's warning,
+`signal_delay_s`) stays submitit's: it ends the cell with UncompletedJobError, or requeues the task. Where a
+cluster preempts with both signals, whichever comes first wins: a requeue, or a failed cell the rerun redoes.
+tests/slurm/test_slurm.py tests it on a one-node cluster (`make test-slurm`).
 """
 
 from __future__ import annotations
@@ -13,6 +22,8 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
+import signal
 from collections import Counter
 from pathlib import Path
 
@@ -63,7 +74,42 @@ def summarize(sweep_dir: str | Path) -> dict:
                          for j in jobs if j["status"] == "failed"]}
 
 
+class Terminated(Exception):
+    """SLURM sent SIGTERM to the task running this cell: scancel, the time limit or preemption."""
+
+
+def slurm_task() -> str | None:
+    """The SLURM task this process runs for submitit (`12_3` in an array, `12` alone), or None outside one: submitit's
+    batch script exports SUBMITIT_EXECUTOR=slurm, so a sweep run in-process inside an allocation is not a task."""
+    if os.environ.get("SUBMITIT_EXECUTOR") != "slurm":
+        return None
+    array, index = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
+    return f"{array}_{index}" if array and index else os.environ.get("SLURM_JOB_ID", "?")
+
+
 class SweepSummary(Callback):
+    _sigterm = None  # the SIGTERM handler a SLURM task had before on_job_start (submitit's, which only logs it)
+
+    def on_job_start(self, config, **kwargs) -> None:
+        """In a SLURM task, SIGTERM raises `Terminated` in the cell (module docstring), once: SLURM may repeat it
+        before the kill, and the second goes to the handler it replaced."""
+        task = slurm_task()
+        if task is None:
+            return
+
+        def terminated(signum, frame):
+            signal.signal(signal.SIGTERM, self._sigterm)
+            raise Terminated(f"SIGTERM to SLURM task {task} (scancel, the time limit or preemption); rerun the same "
+                             f"command to redo the cell from its finished units")
+
+        previous = signal.signal(signal.SIGTERM, terminated)
+        self._sigterm = signal.SIG_DFL if previous is None else previous  # None: not set from Python
+
+    def on_job_end(self, config, job_return, **kwargs) -> None:
+        if self._sigterm is not None:
+            signal.signal(signal.SIGTERM, self._sigterm)
+            self._sigterm = None
+
     def on_multirun_start(self, config, **kwargs) -> None:
         """Write the number of jobs into <sweep dir>/jobs.json (the basic sweeper only: other sweepers choose
         their jobs as they go, and their cells are logged unnumbered)."""
