@@ -20,13 +20,18 @@ export BENCH_CACHE ?= $(abspath .cache)
 export HF_HUB_DISABLE_TELEMETRY := 1
 export TOKENIZERS_PARALLELISM := false
 
-# The GPU check runs where hydra-core, omegaconf and torch-pruning may be missing and PyPI unreachable: it installs
-# them from wheels fetched beforehand (make gpu-wheels, on a machine with internet) into .cache/gpu-site.
-GPU_WHEELS ?= .cache/gpu-wheels
+# The GPU check runs where lm-eval, datasets, hydra-core, omegaconf and torch-pruning are missing and PyPI is
+# unreachable: make gpu-bundle (on a machine with internet) writes their wheels and the data files the check reads to
+# $(GPU_BUNDLE); make gpu-check (on the node) installs the wheels into $(GPU_SITE) and reads the data from there.
+GPU_BUNDLE ?= .cache/gpu-bundle
+GPU_WHEELS ?= $(GPU_BUNDLE)/wheels
+GPU_SITE ?= .cache/gpu-site
 GPU_PY ?= $(if $(wildcard $(BIN)/python),$(BIN)/python,python3)
 OUT ?= results/gpu-check
+# What gpu-check runs with $(GPU_PY).
+GPU_CHECK_CMD ?= -u -m bench.benchmarks.gpu_check --out $(OUT)
 
-.PHONY: setup model test sweep sweep-extras tables plots bench-scoring bench-speed bench-zeroshot gpu-wheels gpu-check clean
+.PHONY: setup model test test-slurm sweep sweep-extras tables plots bench-scoring bench-speed bench-zeroshot gpu-wheels gpu-check test-gpu setup-llamacpp test-llamacpp clean
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV_FLAGS) $(VENV)
@@ -41,6 +46,11 @@ model: setup
 
 test: setup
 	$(BIN)/python -m pytest -q tests
+
+# Sweeps on a one-node SLURM cluster (tests/slurm/): as root, installs slurm-wlm and munge with apt-get when missing,
+# starts munged, slurmctld and slurmd, runs tests/slurm/test_slurm.py, stops them (also on failure).
+test-slurm: setup
+	bash tests/slurm/up.sh $(BIN)/python -m pytest -q tests/slurm
 
 sweep: model
 	$(BIN)/python -m bench -m +sweep=$(SWEEP)
@@ -79,16 +89,72 @@ bench-speed: model
 		eval.speed.runtimes=[compiled] eval.speed.batch_sizes=[1] eval.speed.new_tokens=[32] eval.speed.warmup=2 \
 		eval.speed.repeats=5 eval.speed.min_time_s=0
 
-gpu-wheels: setup
-	$(BIN)/pip download --quiet --no-deps -d $(GPU_WHEELS) hydra-core==1.3.8 omegaconf==2.3.1 torch-pruning==1.6.1
-	$(BIN)/pip wheel --quiet --no-deps -w $(GPU_WHEELS) antlr4-python3-runtime==4.9.3
+# llama.cpp for the edge runtime (eval.speed.runtimes=[llamacpp], bench.export's q8_0 / q4_k_m): llama-cpp-python
+# built from source (the .[llamacpp] extra), about 12 minutes on 2 cores; a compiler and cmake come from apt when
+# missing. Native CPU flags without AMX-INT8: on VMs that report AMX but fault on it (this one), ggml's AMX
+# kernels crash every quantized model (a general protection fault at ldtilecfg). make sweep never needs it.
+LLAMACPP_CMAKE ?= -DGGML_NATIVE=ON $(if $(filter x86_64,$(shell uname -m)),-DCMAKE_C_FLAGS=-mno-amx-int8 -DCMAKE_CXX_FLAGS=-mno-amx-int8)
 
-# llama-7b shape (random bf16 weights, no download): dense vs depth and width (uniform) at 20% and 35%, batch 1, 4,
-# 16, 64, 256, 128 new tokens, records + plots in $(OUT). Without a GPU: a tiny shape, to check the command itself.
-gpu-check:
-	$(GPU_PY) -c "import hydra, omegaconf, torch_pruning" 2>/dev/null || \
-		$(GPU_PY) -m pip install --quiet --no-index --no-deps --target .cache/gpu-site $(GPU_WHEELS)/*.whl
-	PYTHONPATH=$(CURDIR):$(CURDIR)/.cache/gpu-site $(GPU_PY) -m bench.benchmarks.speed --gpu-check --out $(OUT)
+$(BIN)/.llamacpp: $(BIN)/.installed
+	command -v c++ >/dev/null && command -v cmake >/dev/null || \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq build-essential cmake)
+	CMAKE_ARGS="$(LLAMACPP_CMAKE)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) \
+		$(BIN)/pip install --quiet --no-cache-dir -e ".[llamacpp]"
+	touch $@
+
+setup-llamacpp: $(BIN)/.llamacpp
+
+# The GGUF export and llama.cpp tests (they skip under make test when llama.cpp is missing).
+test-llamacpp: setup-llamacpp
+	$(BIN)/python -m pytest -q tests/test_export.py tests/test_llamacpp.py
+
+.PHONY: gpu-bundle gpu-bundle-check gpu-site
+
+# The GPU check's bundle, where PyPI is reachable: Python 3.12 manylinux x86-64 wheels of what the GPU image lacks
+# (bench/benchmarks/gpu_bundle.py BUNDLE, pinned to this venv) and the data files the check reads, with
+# MANIFEST.json (bytes, sha256, pins), at most 48 MiB; left as it is when up to date.
+gpu-bundle: setup
+	$(BIN)/python -m bench.benchmarks.gpu_bundle build --data "$(BENCH_DATA)" --out $(GPU_BUNDLE)
+
+gpu-wheels: gpu-bundle
+
+# The bundle's proof on this CPU: a clean venv like the GPU image (.cache/gpu-image-venv: $(TORCH), transformers 5.17,
+# accelerate, peft, pandas, pyarrow, matplotlib, tqdm, safetensors; none of the bundle), the bundle installed by
+# gpu-site and the check's cells run by gpu-check there, offline. The venv and the install are kept while unchanged;
+# FRESH=1 makes both anew (a fresh clone always does).
+gpu-bundle-check: gpu-bundle
+	$(BIN)/python -m bench.benchmarks.gpu_bundle check --bundle $(GPU_BUNDLE) --torch "$(TORCH)" $(if $(FRESH),--fresh)
+
+# The bundle's wheels into $(GPU_SITE) with pip --no-index, unless $(GPU_PY) has them already; once per wheel set.
+gpu-site:
+	@if $(GPU_PY) -c "import hydra, omegaconf, torch_pruning, lm_eval, datasets" 2>/dev/null; then \
+		echo "gpu-site: $(GPU_PY) has hydra, omegaconf, torch_pruning, lm_eval and datasets: nothing to install"; \
+	elif ! test -d $(GPU_WHEELS); then \
+		echo "gpu-site: no $(GPU_WHEELS): run make gpu-bundle where PyPI is reachable, carry .cache/gpu-bundle"; \
+		exit 1; \
+	elif ! ls $(GPU_WHEELS) | cmp -s - $(GPU_SITE)/.wheels; then \
+		echo "gpu-site: installing $(GPU_WHEELS)/*.whl into $(GPU_SITE) (pip --no-index --no-deps)" && \
+		rm -rf $(GPU_SITE) && \
+		$(GPU_PY) -m pip install --quiet --no-index --no-deps --target $(GPU_SITE) $(GPU_WHEELS)/*.whl && \
+		ls $(GPU_WHEELS) > $(GPU_SITE)/.wheels && \
+		PYTHONPATH=$(CURDIR):$(abspath $(GPU_SITE)) $(GPU_PY) -m bench.benchmarks.gpu_bundle requirements; \
+	fi
+
+# A whole sweep at 7B scale (bench/benchmarks/gpu_check.py): llama-7b shape, random bf16 weights, seven methods at
+# 20% through every stage (eager speed at batch 1, 16, 64, then compiled for three), per-stage time and peak memory
+# against the prediction, tables (main, paired, memory) and plots in $(OUT). About 7 minutes on one H200 (planned;
+# not yet run on one). Without a GPU: the tiny-llama-gqa shape, to check the command itself.
+gpu-check: gpu-site
+	PYTHONPATH=$(CURDIR):$(abspath $(GPU_SITE)) \
+		BENCH_DATA=$(if $(wildcard $(GPU_BUNDLE)/data),$(abspath $(GPU_BUNDLE))/data,$(BENCH_DATA)) \
+		$(GPU_PY) $(GPU_CHECK_CMD)
+
+# The test suite on CUDA (tests/conftest.py: BENCH_TEST_DEVICE): every composed cell and tiny model on the GPU;
+# tests that measure the CPU itself are skipped. On the GPU node, with the bundle installed by gpu-site.
+test-gpu: gpu-site
+	BENCH_TEST_DEVICE=cuda PYTHONPATH=$(CURDIR):$(abspath $(GPU_SITE)) \
+		BENCH_DATA=$(if $(wildcard $(GPU_BUNDLE)/data),$(abspath $(GPU_BUNDLE))/data,$(BENCH_DATA)) \
+		$(GPU_PY) -m pytest -q -p no:cacheprovider tests
 
 clean:
 	rm -rf $(VENV) .cache

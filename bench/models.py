@@ -177,8 +177,13 @@ def load_model(mcfg, cache_dir: str | Path, device: str = "auto", dtype: str = "
         torch.manual_seed(int(mcfg.get("init_seed", 0)))
         model, tokenizer = build_from_config(hf_config(mcfg), device=dev, dtype=dt), None
     elif source == "random":
+        # Drawn on the CPU in fp32 (the same weights on any device: the tests' reference), or with
+        # `model.init=device` on the device in the run dtype (a 7B shape in seconds on a GPU: make gpu-check).
         torch.manual_seed(int(mcfg.get("init_seed", 0)))
-        model = build_from_config(hf_config(mcfg), device="cpu", dtype=torch.float32).to(device=dev, dtype=dt)
+        if mcfg.get("init", "cpu") == "device":
+            model = build_from_config(hf_config(mcfg), device=dev, dtype=dt)
+        else:
+            model = build_from_config(hf_config(mcfg), device="cpu", dtype=torch.float32).to(device=dev, dtype=dt)
         tokenizer = byte_tokenizer()
     elif source in ("hub", "gguf"):
         from transformers import AutoModelForCausalLM, AutoTokenizer

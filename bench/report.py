@@ -60,6 +60,14 @@ def speed_rows(df: pd.DataFrame) -> pd.DataFrame:
     return sp[sp.new_tokens == sp.new_tokens.min()]
 
 
+def llamacpp_rows(df: pd.DataFrame) -> pd.DataFrame:
+    """The llama.cpp speed rows (runtime llamacpp, bench/evals/llamacpp.py): measured, shortest output length."""
+    if "runtime" not in df or "quant" not in df:
+        return df.iloc[0:0]
+    sp = df[(df.stage == "speed") & (df.status == "ok") & (df.runtime == "llamacpp")]
+    return sp[sp.new_tokens == sp.new_tokens.min()]
+
+
 def main_table(df: pd.DataFrame) -> pd.DataFrame:
     """One row per model x method x ratio; value, stderr and n columns per metric."""
     base = df.groupby(KEYS, as_index=False).agg(kind=("kind", "first"), params=("params", "first"),
@@ -81,6 +89,15 @@ def main_table(df: pd.DataFrame) -> pd.DataFrame:
             at = sp[sp.batch_size == b]
             base = _column(base, at[at.metric == "throughput_tok_s"], f"tok/s bs{b:g}")
             base = _column(base, at[at.metric == "speedup"], f"speedup bs{b:g}")
+    lc = llamacpp_rows(df)
+    # llama.cpp, per quantization: decode tok/s, speedup, batch-1 roofline
+    for quant in dict.fromkeys(lc.quant) if not lc.empty else []:
+        at_quant = lc[lc.quant == quant]
+        for b in sorted(at_quant.batch_size.unique()):
+            at = at_quant[at_quant.batch_size == b]
+            base = _column(base, at[at.metric == "decode_tok_s"], f"llama.cpp {quant} decode tok/s bs{b:g}")
+            base = _column(base, at[at.metric == "speedup"], f"llama.cpp {quant} speedup bs{b:g}")
+        base = _column(base, at_quant[at_quant.metric == "roofline_frac"], f"llama.cpp {quant} roofline bs1")
     base["_kind"] = base.kind.map({"dense": 0, "depth": 1, "width": 2, "slice": 2}).fillna(3)
     return base.sort_values(["model", "ratio", "_kind", "method"]).drop(columns="_kind").reset_index(drop=True)
 
@@ -193,6 +210,9 @@ def _calibration(r: dict) -> str:
             f"{_v(r, 'calib_seq_len')} tokens, seed {_v(r, 'calib_seed')} ({_v(r, 'calib_source')})")
 
 
+LLAMACPP_CAPTION = "; llama.cpp: decode tok/s, speedup against dense's export and batch-1 roofline fraction per quant"
+
+
 def caption(df: pd.DataFrame) -> str:
     """The caption main.md opens with, from the records alone: sweep, eval preset and what it measured per
     stage (perplexity windows x tokens per corpus, examples per zero-shot task, speed batch sizes, new tokens
@@ -212,7 +232,8 @@ def caption(df: pd.DataFrame) -> str:
         f"{', '.join(f'{b:g}' for b in sorted(sp.batch_size.unique()))} with "
         f"{', '.join(f'{n:g}' for n in sorted(sp.new_tokens.unique()))} new tokens, prompt tokens: "
         f"{_each(sp, lambda r: _v(r, 'prompt_tokens'), ' / ')}, rounds per point: "
-        f"{_each(sp, lambda r: _v(r, 'n'), ' / ')} (the table: eager, the shortest output)")
+        f"{_each(sp, lambda r: _v(r, 'n'), ' / ')} (the table: eager, the shortest output"
+        f"{LLAMACPP_CAPTION * (not llamacpp_rows(df).empty)})")
     return "\n".join([
         f"Sweep: {_each(df, lambda r: _v(r, 'sweep'), ', ')}; "
         f"eval preset: {_each(df, lambda r: _v(r, 'eval_preset'), ', ')}.",
@@ -317,6 +338,7 @@ class Evidence:
             est, low, high = (float(np.mean([f[0] for f in found])),
                               *stats.interval(np.mean([f[1] for f in found], axis=0)))
             statistic, null, n = "difference (points)", 0.0, sum(f[2] for f in found)
+            fewest = min(f[2] for f in found)
         elif col in PPL:
             corpus, metric = PPL[col]
             pair = self._aligned(a, b, f"ppl_{corpus}_{metric}.jsonl.gz", "window", ["nll_sum", "tokens"])
@@ -324,6 +346,7 @@ class Evidence:
                 return None
             (est, low, high), statistic, null, n = (stats.ppl_ratio(*pair, self.n_resamples), "PPL ratio", 1.0,
                                                     len(pair[0]))
+            fewest = n
         elif SPEED.match(col):
             name, b1, b2 = SPEED.match(col).groups()
             metric = {"speedup": "speedup", "tok/s": "throughput_tok_s", None: "latency_s"}[name]
@@ -333,19 +356,23 @@ class Evidence:
                 if ra is None:
                     return None
                 (est, low, high), statistic, n = stats.speedup_mean(ra, self.n_resamples), "mean speedup", len(ra)
+                fewest = n
             else:
                 rb = self.raw.get((*b, metric, batch))
                 if ra is None or rb is None:
                     return None
                 (est, low, high), n = stats.speedup_ratio(ra, rb, self.n_resamples), len(ra) + len(rb)
+                fewest = min(len(ra), len(rb))
                 statistic = "speedup ratio" if metric == "speedup" else "ratio of means"
             null = 1.0
         else:
             return None
-        return {"statistic": statistic, "estimate": est, "low": low, "high": high, "n": n,
-                "verdict": stats.verdict(low, high, null, "a better", "b better", higher)}
+        # one document, window or round per side has no spread to resample: its interval is a point, not evidence
+        verdict = (TOO_FEW if fewest < 2 else stats.verdict(low, high, null, "a better", "b better", higher))
+        return {"statistic": statistic, "estimate": est, "low": low, "high": high, "n": n, "verdict": verdict}
 
 
+TOO_FEW = "too few samples (n < 2 per side)"
 PAIRED_COLUMNS = ["model", "ratio", "method", "kind", "against", "metric", "statistic", "estimate", "low", "high",
                   "n", "verdict"]
 
@@ -451,6 +478,51 @@ def depth_vs_width(results_dir: str | Path, df: pd.DataFrame | None = None,
 
 
 PAIRED_MD, PAIRED_CSV = "paired.md", "paired.csv"
+MEMORY_MD = "memory.md"
+MEMORY_STAGES = ["load", "speed_reference", "score", "prune", "retrain", "ppl", "zeroshot", "speed"]
+
+
+def memory_table(df: pd.DataFrame) -> pd.DataFrame:
+    """One row per cell: each stage's peak accelerator memory and peak host RSS in MiB (the `memory` rows,
+    bench/memory.py), with the device and where the speed stage kept its dense reference. Empty without memory
+    rows (records from before they existed)."""
+    if "stage" not in df or not (df.stage == "memory").any():
+        return pd.DataFrame()
+    mem = df[df.stage == "memory"]
+    out = []
+    for key, cell in mem.groupby(KEYS, sort=False):
+        row = dict(zip(KEYS, key)) | {"device": cell.device_name.iloc[0], "dtype": cell.dtype.iloc[0]}
+        sp = df[(df.stage == "speed") & (df.model == key[0]) & (df.method == key[1]) & (df.ratio == key[2])]
+        refs = sp.get("speed_reference", pd.Series(dtype=object)).dropna().unique()
+        row["speed_reference"] = ",".join(map(str, refs)) if len(refs) else "-"
+        for stage in [s for s in MEMORY_STAGES if s in set(cell.task)]:
+            part = cell[cell.task == stage].set_index("metric").value
+            row[f"{stage} accel MiB"] = part.get("peak_accel_mib")
+            row[f"{stage} host MiB"] = part.get("peak_host_rss_mib")
+        out.append(row)
+    table = pd.DataFrame(out)
+    return table
+
+
+def memory_markdown(table: pd.DataFrame) -> str:
+    """memory.md: the peaks per cell and stage, accelerator and host tables apart (a CPU run has no accelerator
+    column: its model lives in host memory)."""
+    text = ["Peak memory per stage, MiB. Accelerator: torch.cuda.max_memory_allocated, reset at each stage's start "
+            "(weights included). Host: peak RSS (VmHWM, reset at each stage's start). speed_reference: where the "
+            "speed stage kept its dense reference (resident, cpu, reload; bench/memory.py).", ""]
+    ident = ["model", "method", "ratio", "device", "dtype", "speed_reference"]
+    for side, title in (("accel", "Accelerator"), ("host", "Host RSS")):
+        cols = [c for c in table.columns if c.endswith(f" {side} MiB") and table[c].notna().any()]
+        if not cols:
+            continue
+        part = table[ident + cols].rename(columns={c: c.replace(f" {side} MiB", "") for c in cols})
+        part = part.assign(ratio=part.ratio.map(lambda r: f"{r:g}"))
+        for c in cols:
+            col = c.replace(f" {side} MiB", "")
+            part[col] = part[col].map(lambda v: "-" if v is None or pd.isna(v) else f"{v:,.0f}")
+        text += [f"## {title}", "", part.to_markdown(index=False), ""]
+    return "\n".join(text)
+
 
 
 def write_tables(results_dir: str | Path) -> list[Path]:
@@ -470,6 +542,10 @@ def write_tables(results_dir: str | Path) -> list[Path]:
     paired = paired_table(results_dir, df)
     write_atomic(out / PAIRED_MD, paired_markdown(paired))
     write_atomic(out / PAIRED_CSV, paired.to_csv(index=False))
+    memory = memory_table(df)
+    if not memory.empty:
+        write_atomic(out / MEMORY_MD, memory_markdown(memory))
+        write_atomic(out / "memory.csv", memory.to_csv(index=False))
     return [out / "main.md", out / "main.tex", out / "main.csv"]  # paired.{md,csv} beside them (PAIRED_MD, ..)
 
 

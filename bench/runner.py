@@ -5,7 +5,11 @@
     python -m bench model=llama-7b shape_only=true method=depth_ppl eval.stages=[speed]    # no download
 
 The base model is loaded once per process and each pruning cell prunes a copy, so a multirun reads it from disk
-once; the untouched base is also the dense reference the speed stage interleaves with. A plan can come from a
+once; the untouched base is also the dense reference the speed stage interleaves with. On a GPU the base waits in
+host memory and a cell copies it onto the accelerator, so one copy of the weights is there while the cell scores,
+prunes and evaluates quality; the speed stage's reference is resident, parked on the host or measured before
+pruning, as memory allows (bench/memory.py, `eval.speed.reference`). Every stage records its peak accelerator
+memory and host RSS (rows with stage `memory`). A plan can come from a
 saved plan.json (`plan_file=`) instead of scoring; in shape-only mode (random weights built from the
 architecture) a method without a plan file uses its structural plan (units chosen by index), and only the speed
 stage may run.
@@ -26,7 +30,6 @@ Writes to <out_dir>/<model>/<method>/r<ratio>/ (dense: r0):
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import hashlib
 import io
@@ -48,7 +51,10 @@ from bench import plans
 from bench.budget import achieved, resolve_budget
 from bench.data import calibration_ids
 from bench.evals import STAGES
+from bench.evals import speed
 from bench.evals.cost import cost_notice
+from bench.memory import StagePeak, device_copy, host_available_bytes, predicted_speed_bytes, speed_reference, \
+    weight_bytes
 from bench.methods import build_method
 from bench.methods.base import CalibSpec
 from bench.plans import Plan
@@ -138,14 +144,50 @@ def run_dtype(cfg) -> str:
 
 def base_model(cfg):
     """(model, tokenizer) of the cell's base model, loaded once per process (the latest one is kept;
-    `reuse_base=false` reloads it for every cell)."""
+    `reuse_base=false` reloads it for every cell). On a CUDA device the base is parked in host memory when the
+    host can hold it (the cells take copies onto the accelerator: `device_copy`); else it stays on the device."""
     dtype = run_dtype(cfg)
     key = json.dumps([OmegaConf.to_container(cfg.model, resolve=True), cfg.device, dtype,
                       bool(cfg.get("shape_only"))], sort_keys=True, default=str)
     if key not in _BASE or not cfg.get("reuse_base", True):
         _BASE.clear()
-        _BASE[key] = load_model(cfg.model, cfg.cache_dir, cfg.device, dtype, bool(cfg.get("shape_only")))
+        model, tokenizer = load_model(cfg.model, cfg.cache_dir, cfg.device, dtype, bool(cfg.get("shape_only")))
+        if model.device.type == "cuda" and (host_available_bytes() or 0) > 1.2 * weight_bytes(model):
+            model.to("cpu")
+            torch.cuda.empty_cache()
+            log.info("base model parked in host memory (%.0f MiB); each cell copies it to %s",
+                     weight_bytes(model) / 2**20, cfg.device)
+        _BASE[key] = (model, tokenizer)
     return _BASE[key]
+
+
+_DENSE_SPEED: dict[str, dict] = {}  # speed.reference=reload: the dense model's latencies, once per process
+
+
+def dense_reference(cfg, method, base, model, tokenizer, device: torch.device,
+                    mem: list) -> "speed.Reference | None":
+    """The speed stage's dense reference for a pruning cell, decided before it prunes (bench.memory). For
+    `reload` the dense model (the cell's copy, not yet pruned) is measured now, once per process and speed
+    config, its peak memory recorded as the `speed_reference` stage."""
+    scfg = cfg.eval.speed
+    if not method.prunes or "speed" not in cfg.eval.stages or not scfg.interleave_dense:
+        return None
+    parked = base is not model and next(base.parameters()).device.type == "cpu" and device.type == "cuda"
+    mode = speed_reference(scfg.get("reference", "auto"), device, weight_bytes(base),
+                           predicted_speed_bytes(model, scfg), parked)
+    log.info("speed reference: %s", mode)
+    if mode == "resident":
+        return speed.Reference(mode, model=lambda: base if next(base.parameters()).device == device
+                               else device_copy(base, device))
+    if mode == "cpu":
+        return speed.Reference(mode, model=lambda: base)
+    key = fingerprint(OmegaConf.to_container(cfg.model, resolve=True), str(device), run_dtype(cfg),
+                      OmegaConf.to_container(scfg, resolve=True), int(cfg.seed), bool(cfg.get("shape_only")))
+    if key not in _DENSE_SPEED:
+        with StagePeak(device) as peak:
+            _DENSE_SPEED[key] = speed.reference_latencies(model, tokenizer, cfg)
+        mem += peak.rows("speed_reference")
+    return speed.Reference(mode, prior=_DENSE_SPEED[key])
 
 
 def saved_plan(plan_file, method, budget, structure_only: bool = False) -> Plan:
@@ -172,48 +214,61 @@ def saved_plan(plan_file, method, budget, structure_only: bool = False) -> Plan:
     return plan
 
 
-def prune(cfg, method, model, tokenizer, budget, out: Path, timing: dict) -> tuple[Plan, dict]:
+def prune(cfg, method, model, tokenizer, budget, out: Path, timing: dict, mem: list) -> tuple[Plan, dict]:
     """Calibrate, score (cached), plan and apply; writes calib.pt and scores.csv. Returns the plan and the facts
     of how it was made, for the records (calibration, its source, whether the scores came from the cache, the
-    plan file). With a plan file or in shape-only mode there is nothing to score."""
+    plan file). With a plan file or in shape-only mode there is nothing to score. The peak memory of scoring
+    (calibration included) and of surgery go to `mem` (stages score and prune)."""
     if cfg.get("plan_file") or cfg.get("shape_only"):
         plan = (saved_plan(cfg.plan_file, method, budget, structure_only=bool(cfg.get("shape_only")))
                 if cfg.get("plan_file") else method.plan(None, budget, model))
-        return _apply(method, model, plan, timing), {"plan_file": cfg.get("plan_file"),
-                                                      "calibration": "plan_file" if cfg.get("plan_file") else "none"}
-    calib_ids, calib_source, calib = None, None, calib_spec(cfg, method)
-    if calib is not None:
-        calib_ids, calib_source = calibration_ids(tokenizer, calib.dataset, calib.n_samples, calib.seq_len,
-                                                  calib.seed, cfg.get("data_root") or None, sampler=calib.sampler,
-                                                  bos_every=calib.bos_every)
-        buf = io.BytesIO()
-        torch.save(calib_ids, buf)
-        write_atomic(out / "calib.pt", buf.getvalue())
+        return _apply(method, model, plan, timing, mem), {"plan_file": cfg.get("plan_file"),
+                                                           "calibration": "plan_file" if cfg.get("plan_file")
+                                                           else "none"}
+    calib = calib_spec(cfg, method)
     eval_dtype = model.dtype
     score_dtype = DTYPES[method.native_score_dtype] if native(cfg) and getattr(method, "native_score_dtype",
                                                                                    None) else eval_dtype
-    model.to(score_dtype)  # the original's precision for scoring and surgery (LLM-Pruner, Taylor+: fp32)
-    t0 = time.perf_counter()
-    scores, hit = cached_scores(cfg, method, model, calib_ids, budget)
-    timing["score_s"] = time.perf_counter() - t0
+    with StagePeak(model.device) as peak:
+        calib_ids, calib_source = calibrate(cfg, calib, tokenizer, out)
+        model.to(score_dtype)  # the original's precision for scoring and surgery (LLM-Pruner, Taylor+: fp32)
+        t0 = time.perf_counter()
+        scores, hit = cached_scores(cfg, method, model, calib_ids, budget)
+        timing["score_s"] = time.perf_counter() - t0
+    mem += peak.rows("score", scores_cached=hit)
     log.info("scores %s in %.1f s", "from cache" if hit else "computed", timing["score_s"])
     write_atomic(out / "scores.csv", scores_csv(scores))
     facts = {"plan_file": None, "calibration": calibration_kind(cfg) if calib else "none", "scores_cached": hit,
              "score_dtype": str(score_dtype).removeprefix("torch.")}
     if calib:
         facts |= {f"calib_{k}": v for k, v in vars(calib).items()} | {"calib_source": calib_source}
-    plan = _apply(method, model, method.plan(scores, budget, model), timing)
+    plan = _apply(method, model, method.plan(scores, budget, model), timing, mem)
     model.to(eval_dtype)
     return plan, facts
+
+
+def calibrate(cfg, calib: CalibSpec | None, tokenizer, out: Path) -> tuple[torch.Tensor | None, str | None]:
+    """The calibration token ids of `calib` (None: the method needs none) and their source; writes calib.pt."""
+    if calib is None:
+        return None, None
+    calib_ids, calib_source = calibration_ids(tokenizer, calib.dataset, calib.n_samples, calib.seq_len,
+                                              calib.seed, cfg.get("data_root") or None, sampler=calib.sampler,
+                                              bos_every=calib.bos_every)
+    buf = io.BytesIO()
+    torch.save(calib_ids, buf)
+    write_atomic(out / "calib.pt", buf.getvalue())
+    return calib_ids, calib_source
 
 
 def native(cfg) -> bool:
     return cfg.get("protocol") == "native"
 
 
-def _apply(method, model, plan: Plan, timing: dict) -> Plan:
+def _apply(method, model, plan: Plan, timing: dict, mem: list) -> Plan:
     t0 = time.perf_counter()
-    method.apply(model, plan)
+    with StagePeak(model.device) as peak:
+        method.apply(model, plan)
+    mem += peak.rows("prune")
     timing["prune_s"] = time.perf_counter() - t0
     params = count_params(model)
     if params != plan.predicted_params:
@@ -292,11 +347,12 @@ def run_cell(cfg) -> Path:
         log.info("%s: done, skipping", out)
         return out
     partial: list[dict] = []
+    memory: list[dict] = []
     try:
-        _run(cfg, method, ratio, out, partial)
-    except Exception as exc:
+        _run(cfg, method, ratio, out, partial, memory)
+    except Exception as exc:  # an out-of-memory failure keeps the peaks of the stages before it
         write_json(out / ERROR, {"error": type(exc).__name__, "message": str(exc),
-                                 "traceback": traceback.format_exc(), "rows": partial})
+                                 "traceback": traceback.format_exc(), "rows": partial, "memory": memory})
         raise
     (out / ERROR).unlink(missing_ok=True)
     return out
@@ -306,12 +362,18 @@ def not_finite_ppl(row: dict) -> bool:
     return row["stage"] == "ppl" and not math.isfinite(row["value"])
 
 
-def _run(cfg, method, ratio: float, out: Path, rows: list[dict]) -> None:
+def _run(cfg, method, ratio: float, out: Path, rows: list[dict], mem: list[dict]) -> None:
+    """The cell; `rows` and `mem` (each stage's memory rows, bench.memory) fill as it goes, for error.json."""
     torch.manual_seed(int(cfg.seed))
     t_cell = time.perf_counter()
-    base, tokenizer = base_model(cfg)
+    device = resolve_device(cfg.device)
     retrains = cfg.retrain != "none"
-    model = copy.deepcopy(base) if method.prunes or retrains else base  # the shared base is never changed
+    with StagePeak(device) as peak:
+        base, tokenizer = base_model(cfg)
+        # the cell's own copy on the device (the shared base is never changed): one copy of the weights there
+        copies = method.prunes or retrains or next(base.parameters()).device != device
+        model = device_copy(base, device) if copies else base
+    mem += peak.rows("load")
     dense_params = count_params(model)
     notice = cost_notice(cfg, dense_params, model.device)
     if notice:  # a full evaluation on a CPU is hours: say so before it starts
@@ -323,19 +385,30 @@ def _run(cfg, method, ratio: float, out: Path, rows: list[dict]) -> None:
     write_atomic(out / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
 
     timing, facts = {}, {}
+    dense = dense_reference(cfg, method, base, model, tokenizer, device, mem)  # the speed stage's, before any pruning
     if method.prunes:
-        plan, facts = prune(cfg, method, model, tokenizer, budget, out, timing)
+        plan, facts = prune(cfg, method, model, tokenizer, budget, out, timing, mem)
     else:
         plan = method.plan(None, None)
     if retrains:
         t0 = time.perf_counter()
-        model, summary = retrain(model, tokenizer, cfg)
+        with StagePeak(device) as peak:
+            model, summary = retrain(model, tokenizer, cfg)
+        mem += peak.rows("retrain")
         timing["retrain_s"] = time.perf_counter() - t0
         write_json(out / "retrain.json", summary)
     params = count_params(model)
     write_json(out / "plan.json", plan.to_json())
     log.info("%s: %d -> %d params", method.label, dense_params, params)
-    if cfg.get("save_model"):
+    if cfg.get("save_model") == "gguf":  # llama.cpp's format, f16 (bench.export: other quants, the round trip)
+        from bench.export import export_gguf, tokenizer_source
+
+        t0 = time.perf_counter()
+        lay = export_gguf(model, out / "model.f16.gguf", "f16", name=f"{cfg.model.name} {method.label} r{ratio:g}",
+                          **tokenizer_source(cfg.model, cfg.cache_dir, tokenizer))
+        log.info("%s: exported %s (llama.cpp arch %s) in %.1f s", method.label, out / "model.f16.gguf", lay.arch,
+                 time.perf_counter() - t0)
+    elif cfg.get("save_model"):
         t0 = time.perf_counter()
         save_pruned(model, tokenizer, plan, out / "model")
         log.info("%s: saved the pruned model to %s in %.1f s", method.label, out / "model", time.perf_counter() - t0)
@@ -352,12 +425,15 @@ def _run(cfg, method, ratio: float, out: Path, rows: list[dict]) -> None:
     ident |= facts | {"protocol": protocol,
                       "departures": method.departures() if protocol == "native" and method.prunes else []}
     prov = provenance(cfg, model.device, model.dtype) | timing
-    dense = (lambda: base) if method.prunes else None  # the speed stage's reference
     model_key = fingerprint(OmegaConf.to_container(cfg.model, resolve=True), cfg.device, run_dtype(cfg), cfg.seed,
                             bool(cfg.get("shape_only")), weight_sums(model))  # the weights stand for plan and retrain
     progress = Progress(out / PARTIAL, model_key)
     for stage in cfg.eval.stages:
-        rows += [ident | row | prov for row in STAGES[stage](model, tokenizer, cfg, dense=dense, progress=progress)]
+        reused = len(progress.reused)
+        with StagePeak(device) as peak:
+            rows += [ident | row | prov for row in STAGES[stage](model, tokenizer, cfg, dense=dense,
+                                                                  progress=progress)]
+        mem += peak.rows(stage, resumed=len(progress.reused) > reused)
         bad = [r for r in rows if not_finite_ppl(r)]
         if bad:
             progress.drop(not_finite_ppl)  # a failure, not a finished unit: the rerun measures it again
@@ -365,6 +441,6 @@ def _run(cfg, method, ratio: float, out: Path, rows: list[dict]) -> None:
     if progress.reused:
         log.info("%s: reused %d finished units of an interrupted run (%s)", out, len(progress.reused),
                  ", ".join(progress.reused))
-    write_records(out / RECORDS, rows)
+    write_records(out / RECORDS, rows + [ident | row | prov for row in mem])
     progress.finish()
     log.info("%s: %d records in %.1f s", out, len(rows), time.perf_counter() - t_cell)

@@ -27,6 +27,7 @@ from bench.data import CALIB_DATASETS
 from bench.evals import STAGES
 from bench.evals.perplexity import METRIC as BOS_MODES
 from bench.evals.speed import RUNTIMES
+from bench.memory import REFERENCES
 from bench.evals.zeroshot import TASKS
 from bench.methods.base import PROTOCOLS
 from bench.models import DTYPES
@@ -99,7 +100,7 @@ SCHEMA: dict[str, Rule] = {
     "dtype": Rule(choices=("auto", *DTYPES)),
     "reuse_base": Rule(bool),
     "shape_only": Rule(bool),
-    "save_model": Rule(bool),
+    "save_model": Rule(bool, also=("gguf",)),
     "retrain": Rule(choices=RETRAIN),
     "protocol": Rule(choices=PROTOCOLS),
     "calibration": Rule(choices=("auto", "native", "shared")),
@@ -109,6 +110,7 @@ SCHEMA: dict[str, Rule] = {
     "shared_calib.seed": Rule(int),
     "model.name": Rule(str),
     "model.source": Rule(choices=SOURCES),
+    "model.init": Rule(choices=("cpu", "device")),
     "lora.r": positive(),
     "lora.alpha": Rule(float, gt=0),
     "lora.dropout": Rule(float, ge=0, lt=1),
@@ -136,6 +138,7 @@ SCHEMA: dict[str, Rule] = {
     "eval.zeroshot.backend": Rule(choices=("context_once", "hflm")),
     "eval.speed.runtimes": Rule(choices=RUNTIMES, many=True),
     "eval.speed.batch_sizes": positive(many=True),
+    "eval.speed.compiled_batch_sizes": positive(many=True, null=True),
     "eval.speed.new_tokens": positive(many=True),
     "eval.speed.prompt": Rule(str),
     "eval.speed.prompt_tokens": positive(),
@@ -144,6 +147,7 @@ SCHEMA: dict[str, Rule] = {
     "eval.speed.repeats": positive(),
     "eval.speed.min_time_s": Rule(float, ge=0),
     "eval.speed.interleave_dense": Rule(bool),
+    "eval.speed.reference": Rule(choices=REFERENCES),
 }
 
 ABSENT = object()
@@ -163,6 +167,8 @@ def check(key: str, rule: Rule, value) -> None:
     """Raise a one-line BenchError when `value` breaks `rule`."""
     if not rule.many:
         why = rule.problem(value)
+    elif value is None and rule.null:
+        why = None
     elif not isinstance(value, list):
         why = f"must be a list; each item: {rule.problem(ABSENT)}"
     elif not value and not rule.empty:

@@ -1,8 +1,15 @@
-"""Shared fixtures: tiny random LLaMA models built in memory and a small synthetic data root (no downloads)."""
+"""Shared fixtures: tiny random LLaMA models built in memory and a small synthetic data root (no downloads).
+
+The device the tests run on: the CPU, or `BENCH_TEST_DEVICE=cuda` (make test-gpu) for every config composed through
+`cfg_for` (whole cells, in the config's dtype: `auto` is bf16 on CUDA) and every `tiny` model (fp32: those tests
+compare logits to 1e-5). A test that measures the CPU itself (host RSS, /proc) is marked `cpu_only` and skipped
+on CUDA.
+"""
 
 from __future__ import annotations
 
 import json
+import os
 import random
 
 import pytest
@@ -10,6 +17,21 @@ import torch
 
 from bench.config import compose
 from bench.models import load_model
+
+TEST_DEVICE = os.environ.get("BENCH_TEST_DEVICE", "cpu")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "cpu_only: measures the CPU itself; skipped under BENCH_TEST_DEVICE=cuda")
+
+
+def pytest_collection_modifyitems(config, items):
+    if TEST_DEVICE != "cpu":
+        skip = pytest.mark.skip(reason=f"cpu_only: measures the CPU itself (BENCH_TEST_DEVICE={TEST_DEVICE})")
+        for item in items:
+            if "cpu_only" in item.keywords:
+                item.add_marker(skip)
+
 
 WORDS = ("the of and to in a is that for it as was with be by on not he this are or his from at which but have "
          "an they you were her she there been one all we their has would when if so no out up into its time").split()
@@ -48,8 +70,9 @@ def cfg_for(tmp_path, data_root):
     stage only unless the overrides name the stages."""
     def make(*overrides):
         stages = [] if any(o.startswith("eval.stages=") for o in overrides) else ["eval.stages=[ppl]"]
+        device = [] if any(o.startswith("device=") for o in overrides) else [f"device={TEST_DEVICE}"]
         return compose([f"out_dir={tmp_path / 'results'}", f"cache_dir={tmp_path / 'cache'}",
-                        f"data_root={data_root}", *stages, *overrides])
+                        f"data_root={data_root}", *device, *stages, *overrides])
     return make
 
 
@@ -57,7 +80,7 @@ def cfg_for(tmp_path, data_root):
 def tiny(request, cfg_for):
     """(model, tokenizer, cfg) for each tiny architecture (MHA and GQA)."""
     cfg = cfg_for(f"model={request.param}")
-    model, tok = load_model(cfg.model, cfg.cache_dir, "cpu", "float32")
+    model, tok = load_model(cfg.model, cfg.cache_dir, TEST_DEVICE, "float32")
     return model, tok, cfg
 
 

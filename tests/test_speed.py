@@ -20,7 +20,9 @@ QUICK = ("eval.stages=[speed]", "eval.speed.batch_sizes=[1,2,4]", "eval.speed.ne
 
 
 def records(out):
-    return [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
+    """The cell's evaluation rows (its per-stage memory rows apart: tests/test_memory.py)."""
+    rows = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
+    return [r for r in rows if r["stage"] != "memory"]
 
 
 def test_speed_records_per_batch_size(cfg_for):

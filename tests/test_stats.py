@@ -180,3 +180,17 @@ def test_depth_vs_width_figure_written_and_deterministic(tmp_path):
     assert sorted(p.suffix for p in paths) == [".pdf", ".png"] and all(p.stat().st_size > 1000 for p in paths)
     again = [p for p in write_plots(tmp_path / "res", tmp_path / "b") if p.stem == "depth_vs_width"]
     assert [p.read_bytes() for p in paths] == [p.read_bytes() for p in again]
+
+
+def test_one_round_gives_no_verdict(tmp_path):
+    """A single speed round (the default sweep's quick preset) has no spread to resample: its interval is a point,
+    and the verdict says too few samples rather than calling a winner."""
+    write_cell(tmp_path, "dense", "dense", 0.0, 0.75, 0.0, None)
+    write_cell(tmp_path, "depth_ppl+", "depth", 0.2, 0.70, 0.5, [1.30])
+    write_cell(tmp_path, "flap", "width", 0.2, 0.50, 0.2, [1.05, 1.06, 1.04])
+    write_tables(tmp_path)
+    paired = pd.read_csv(tmp_path / "tables" / "paired.csv")
+    speed = paired[(paired.metric == "speedup bs1") & (paired.method == "depth_ppl+")]
+    assert set(speed.verdict) == {"too few samples (n < 2 per side)"} and len(speed) == 2
+    avg = paired[(paired.metric == "Avg") & (paired.method == "depth_ppl+") & (paired.against == "flap")]
+    assert list(avg.verdict) == ["depth better"]  # 200 documents a task: evidence

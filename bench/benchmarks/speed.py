@@ -8,9 +8,9 @@ speedup against dense and its fraction of the ideal (dense non-embedding params 
 params), and the roofline fraction at batch 1; writes records.jsonl and throughput / speedup plots to --out.
 
     make bench-speed     # smollm2-135m on this CPU, plans of results/default, eager and compiled runtimes
-    make gpu-check OUT=gpu-check   # llama-7b shape, bf16, batch 1-256 (x4 steps), 128 new tokens (tiny on a CPU)
-    python -m bench.benchmarks.speed --methods dense,depth_ppl,llm_pruner --ratios 0.2 --out /tmp/speed \\
-        model=llama-7b shape_only=true eval.speed.batch_sizes=[1,64]
+    python -m bench.benchmarks.speed --methods dense,depth_ppl,llm_pruner --ratios 0.2,0.35 --out /tmp/speed7b \\
+        model=llama-7b shape_only=true dtype=bfloat16 eval.speed.batch_sizes=[1,4,16,64,256] \\
+        eval.speed.new_tokens=[128]    # on a GPU: the llama-7b shape, speed only (make gpu-check: every stage)
 """
 
 from __future__ import annotations
@@ -28,16 +28,6 @@ import torch
 from bench import BenchError
 
 log = logging.getLogger("bench.bench_speed")
-
-# Batch 1 to 256 in steps of 4x: with the full-length warm-up a GPU needs, one H200 run's timings put a (model,
-# batch) point at about 13 s (5 models: about 65 s a point; an estimate), so 5 points keep the check near 6
-# minutes; the paper's 7 points are one override away: eval.speed.batch_sizes=[1,8,16,32,64,128,256].
-GPU_CHECK = ["model=llama-7b", "shape_only=true", "dtype=bfloat16", "eval.speed.batch_sizes=[1,4,16,64,256]",
-             "eval.speed.new_tokens=[128]", "eval.speed.warmup=1", "eval.speed.repeats=2", "eval.speed.min_time_s=0"]
-GPU_CHECK_CPU = ["model=tiny-llama-gqa", "shape_only=true", "eval.speed.batch_sizes=[1,4,16]",
-                 "eval.speed.new_tokens=[16]", "eval.speed.warmup=1", "eval.speed.repeats=2",
-                 "eval.speed.min_time_s=0"]
-
 
 def non_embedding_params(model) -> int:
     embed = model.get_input_embeddings().weight
@@ -147,14 +137,9 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--ratios", default="0.2")
     parser.add_argument("--plans", type=Path, default=None, help="a sweep's results dir holding plan.json files")
     parser.add_argument("--out", type=Path, default=Path("results/bench-speed"))
-    parser.add_argument("--gpu-check", action="store_true",
-                        help="llama-7b shape, dense vs depth and width (uniform) at 0.2 and 0.35, batch 1-256")
     args, overrides = parser.parse_known_args(argv)
     from bench.config import compose
 
-    if args.gpu_check:
-        args.methods, args.ratios = "dense,depth_ppl,llm_pruner", "0.2,0.35"
-        overrides = (GPU_CHECK if torch.cuda.is_available() else GPU_CHECK_CPU) + overrides
     cfg = compose(overrides)
     args.out.mkdir(parents=True, exist_ok=True)
     rows = run(cfg, args.methods.split(","), [float(r) for r in args.ratios.split(",")], args.plans, args.out)

@@ -29,24 +29,27 @@ cache with torch.compile; CUDA graphs through mode reduce-overhead on a GPU).
 
 from __future__ import annotations
 
-import ctypes
 import gc
 import logging
 import math
 import re
 import statistics
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from omegaconf import OmegaConf
 
+from bench.memory import reset_peaks
 from bench.progress import bar
 from bench.records import Progress
 
 log = logging.getLogger("bench.speed")
 
-RUNTIMES = ("eager", "compiled")
+HF_RUNTIMES = ("eager", "compiled")  # measured here, through HF generate
+RUNTIMES = HF_RUNTIMES + ("llamacpp",)  # llamacpp: the GGUF exports in llama.cpp (bench/evals/llamacpp.py)
 MIB = 2**20
 
 
@@ -88,15 +91,6 @@ def _proc_status_kib(field: str) -> int:
     return int(re.search(rf"^{field}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.M).group(1))
 
 
-def _malloc_trim() -> None:
-    """Hand the C heap's free pages back to the OS, so that RSS is live memory and a run's peak RSS above it is
-    what the run allocated (glibc otherwise keeps earlier runs' freed buffers resident and reuses them)."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
 class PeakMemory:
     """Peak bytes allocated above the level at entry: CUDA allocator, or process RSS on the CPU."""
 
@@ -104,12 +98,10 @@ class PeakMemory:
         self.device, self.extra_bytes = device, 0
 
     def __enter__(self):
+        reset_peaks(self.device)  # folds the peak so far into the open stage's (bench.memory.StagePeak) first
         if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
             self.before = torch.cuda.memory_allocated(self.device)
         else:
-            _malloc_trim()
-            Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
             self.before = _proc_status_kib("VmRSS") * 1024
         return self
 
@@ -181,26 +173,53 @@ def prompt_ids(tokenizer, scfg, model, device: torch.device) -> torch.Tensor:
 
 # --- the interleaved measurement ----------------------------------------------------------------------------
 
-def measure(models: dict, ids: torch.Tensor, scfg, reference: str | None = None) -> list[dict]:
+def measure(models: dict, ids: torch.Tensor, scfg, reference: str | None = None, prior: dict | None = None,
+            park: bool = False) -> list[dict]:
     """Interleaved speed and memory of `models` ({label: model}) at every runtime x output length x batch
     size. Returns one row per label x runtime x length x batch x metric; `reference` names the model the
     others' speedups are against. A bar counts the points (runtime x length x batch), each one's warm-up and
-    interleaved rounds of every model."""
+    interleaved rounds of every model.
+
+    `prior`: the reference's per-round latencies measured earlier ({(runtime, new_tokens, batch): [s, ...]},
+    `prior_latencies`), when it is not among `models` (speed.reference=reload). `park`: only the model being timed
+    is on the accelerator, the others wait in host memory (speed.reference=cpu); each model ends where it began."""
+    home = {label: next(m.parameters()).device for label, m in models.items()}
+    try:
+        return _measure(models, ids, scfg, reference, prior, park)
+    finally:
+        if park:
+            for label, m in models.items():
+                m.to(home[label])
+
+
+def _measure(models, ids, scfg, reference, prior, park) -> list[dict]:
     rows = []
-    n_points = len(scfg.runtimes) * len(scfg.new_tokens) * len(scfg.batch_sizes)
+    n_points = len(scfg.new_tokens) * sum(len(batch_sizes(scfg, runtime)) for runtime in scfg.runtimes)
     with bar(total=n_points, desc="speed", unit="point") as points:
         for runtime in scfg.runtimes:
-            if runtime not in RUNTIMES:
+            if runtime not in HF_RUNTIMES:
                 from bench import BenchError
 
-                raise BenchError(f"eval.speed.runtimes: {runtime!r}; allowed values are {', '.join(RUNTIMES)}")
+                where = " (llamacpp: bench.evals.llamacpp.measure, which the speed stage calls)" * (
+                    runtime in RUNTIMES)
+                raise BenchError(f"eval.speed.runtimes: {runtime!r}; allowed values here are "
+                                 f"{', '.join(HF_RUNTIMES)}{where}")
             for new_tokens in scfg.new_tokens:
                 alive = dict(models)
-                for batch in sorted(scfg.batch_sizes):
+                for batch in sorted(batch_sizes(scfg, runtime)):
                     points.set_postfix_str(f"{runtime} bs={batch} out={new_tokens}", refresh=False)
-                    rows += _measure_point(alive, ids, int(batch), int(new_tokens), runtime, scfg, reference)
+                    rows += _measure_point(alive, ids, int(batch), int(new_tokens), runtime, scfg, reference,
+                                           (prior or {}).get((runtime, int(new_tokens), int(batch))), park)
                     points.update()
     return rows
+
+
+def batch_sizes(scfg, runtime: str) -> list[int]:
+    """The batch sizes a runtime is measured at: `compiled_batch_sizes` for the compiled runtime where set (each
+    batch is its own compiled graph: tens of seconds apiece on a 7B), else `batch_sizes`."""
+    if runtime == "compiled" and scfg.get("compiled_batch_sizes"):
+        return list(scfg.compiled_batch_sizes)
+    return list(scfg.batch_sizes)
 
 
 def warmup_tokens(runtime: str, device: torch.device, new_tokens: int, scfg) -> int:
@@ -213,7 +232,29 @@ def warmup_tokens(runtime: str, device: torch.device, new_tokens: int, scfg) -> 
     return min(new_tokens, int(scfg.warmup_tokens))
 
 
-def _measure_point(alive: dict, ids, batch: int, new_tokens: int, runtime: str, scfg, reference) -> list[dict]:
+def on_device(alive: dict, label: str, device: torch.device, park: bool):
+    """alive[label], on `device`; with `park`, every other model moved to host memory first (one copy of the
+    weights on the accelerator at a time). Interleaved rounds A B, B A time the same model back to back at each
+    round's boundary, so a round moves each model at most once."""
+    model = alive[label]
+    if park:
+        for other, m in alive.items():
+            if other != label and next(m.parameters()).device != torch.device("cpu"):
+                m.to("cpu")
+        if next(model.parameters()).device != device:
+            model.to(device)
+    return model
+
+
+def prior_latencies(rows: list[dict]) -> dict:
+    """{(runtime, new_tokens, batch): per-round latencies} of a measurement's latency_s rows (the reference
+    measured before pruning, speed.reference=reload)."""
+    return {(r["runtime"], int(r["new_tokens"]), int(r["batch_size"])): r["raw"] for r in rows
+            if r["metric"] == "latency_s" and r.get("status") == "ok"}
+
+
+def _measure_point(alive: dict, ids, batch: int, new_tokens: int, runtime: str, scfg, reference,
+                   prior: list[float] | None = None, park: bool = False) -> list[dict]:
     device, x = ids.device, ids.repeat(batch, 1)
     point = {"batch_size": batch, "new_tokens": new_tokens, "prompt_tokens": ids.shape[1], "runtime": runtime}
     lat = {k: [] for k in alive}
@@ -221,8 +262,9 @@ def _measure_point(alive: dict, ids, batch: int, new_tokens: int, runtime: str, 
     mem = {k: 0 for k in alive}
     failed = {}
     warm_tokens = warmup_tokens(runtime, device, new_tokens, scfg)
-    for label, model in list(alive.items()):
+    for label in list(alive):
         try:
+            model = on_device(alive, label, device, park)
             for _ in range(int(scfg.warmup)):
                 generate(model, x, warm_tokens, runtime)
                 generate(model, x, 1, runtime)
@@ -237,8 +279,8 @@ def _measure_point(alive: dict, ids, batch: int, new_tokens: int, runtime: str, 
         if not order:
             break
         for label in order if rounds % 2 == 0 else order[::-1]:
-            model = alive[label]
             try:
+                model = on_device(alive, label, device, park)
                 pre[label].append(timed(lambda: generate(model, x, 1, runtime), device))
                 with PeakMemory(device) as peak:
                     lat[label].append(timed(lambda: generate(model, x, new_tokens, runtime), device))
@@ -259,11 +301,12 @@ def _measure_point(alive: dict, ids, batch: int, new_tokens: int, runtime: str, 
             del alive[label]
             _release(device)
             continue
-        rows += _point_rows(base, model, lat, pre, mem[label], reference, label, batch, new_tokens, device)
+        rows += _point_rows(base, model, lat, pre, mem[label], reference, label, batch, new_tokens, device, prior)
     return rows
 
 
-def _point_rows(base, model, lat, pre, extra_bytes, reference, label, batch, new_tokens, device) -> list[dict]:
+def _point_rows(base, model, lat, pre, extra_bytes, reference, label, batch, new_tokens, device,
+                prior=None) -> list[dict]:
     latency, prefill = lat[label], pre[label]
     decode_s = statistics.fmean(latency) - statistics.fmean(prefill)
     ok = base | {"status": "ok"}
@@ -280,6 +323,10 @@ def _point_rows(base, model, lat, pre, extra_bytes, reference, label, batch, new
     if reference and label != reference and reference in lat and lat[reference]:
         ratios = [r / p for r, p in zip(lat[reference], latency)]  # round by round: each pair ran back to back
         rows.append(ok | {"metric": "speedup", "unit": "x", "reference": reference} | summary(ratios))
+    elif reference and label != reference and prior:
+        ratios = [r / p for r, p in zip(prior, latency)]  # round i of each, measured apart (not interleaved)
+        rows.append(ok | {"metric": "speedup", "unit": "x", "reference": reference, "interleaved": False}
+                    | summary(ratios))
     if batch == 1 and new_tokens > 1 and decode_s > 0:
         bw, step_bytes = bandwidth_gb_s(device), decode_bytes(model, base["prompt_tokens"] + new_tokens / 2)
         bound = bw * 1e9 / step_bytes
@@ -307,12 +354,33 @@ def _compile_limits() -> None:
 
 # --- the stage --------------------------------------------------------------------------------------------------
 
-def evaluate(model, tokenizer, cfg, dense=None, progress: Progress | None = None) -> list[dict]:
-    """The cell's model, interleaved with the dense base model (`dense()`, when the cell prunes) for speedups;
-    returns the cell's rows only (the dense figures measured alongside are in its `speedup` rows). The whole
-    stage is one resumable unit of the cell (bench.records.Progress)."""
+@dataclass
+class Reference:
+    """The dense reference of a pruning cell's speedups (bench.memory: where it is kept). `mode`: resident (the
+    dense model on the accelerator beside the pruned one), cpu (parked in host memory, moved in for its turns),
+    reload (measured alone before the cell pruned: `prior`, per-round latencies by point). `model()` gives the
+    dense model for resident and cpu."""
+    mode: str
+    model: Callable | None = None
+    prior: dict | None = None
+
+
+def evaluate(model, tokenizer, cfg, dense: Reference | None = None, progress: Progress | None = None) -> list[dict]:
+    """The cell's model, interleaved with the dense base model (`dense`, when the cell prunes) for speedups;
+    returns the cell's rows only (the dense figures measured alongside are in its `speedup` rows), each with
+    `speed_reference` (the mode). The whole stage is one resumable unit of the cell (bench.records.Progress)."""
     config = OmegaConf.to_container(cfg.eval.speed, resolve=True) | {"seed": int(cfg.seed)}
     return (progress or Progress()).run("speed", config, lambda: _measure_cell(model, tokenizer, cfg, dense))
+
+
+def reference_latencies(model, tokenizer, cfg) -> dict:
+    """speed.reference=reload: the dense model measured alone, at every point of the stage, before the cell
+    prunes it; the per-round latencies (`prior_latencies`) the pruned model's speedups are paired with."""
+    scfg = cfg.eval.speed
+    if "compiled" in scfg.runtimes:
+        _compile_limits()
+    torch.manual_seed(int(cfg.seed))
+    return prior_latencies(measure({"dense": model}, prompt_ids(tokenizer, scfg, model, model.device), scfg))
 
 
 def _measure_cell(model, tokenizer, cfg, dense) -> list[dict]:
@@ -321,15 +389,29 @@ def _measure_cell(model, tokenizer, cfg, dense) -> list[dict]:
         _compile_limits()
     torch.manual_seed(int(cfg.seed))
     ids = prompt_ids(tokenizer, scfg, model, model.device)
-    models = {"model": model}
+    models, mode = {"model": model}, None
     if dense is not None and scfg.interleave_dense:
-        models["dense"] = dense()
-    rows = measure(models, ids, scfg, reference="dense" if "dense" in models else None)
+        mode = dense.mode
+        if mode != "reload":
+            models["dense"] = dense.model()
+    hf = [r for r in scfg.runtimes if r in HF_RUNTIMES]
+    rows = measure(models, ids, OmegaConf.merge(scfg, {"runtimes": hf}), reference="dense" if mode else None,
+                   prior=dense.prior if mode == "reload" else None, park=mode == "cpu") if hf else []
+    if "llamacpp" in scfg.runtimes:  # the GGUF exports of the same models, timed in llama.cpp
+        from bench.evals import llamacpp
+
+        if mode == "reload":
+            from bench import BenchError
+
+            raise BenchError("eval.speed.runtimes=[llamacpp] exports the dense model beside the pruned one; "
+                             "eval.speed.reference=reload keeps none; allowed: resident, cpu")
+        rows += llamacpp.measure(models, ids, cfg, tokenizer, reference="dense" if mode else None)
     out = []
     for row in rows:
         if row.pop("model_label") != "model":
             continue
-        out.append({"stage": "speed", "task": "generate", "unit": row.pop("unit", "")} | row)
+        out.append({"stage": "speed", "task": "generate", "unit": row.pop("unit", ""), "speed_reference": mode}
+                   | row)
         if row["metric"] in ("throughput_tok_s", "speedup") and row.get("value") is not None:
             log.info("%s bs=%d out=%d: %s %.3f", row["runtime"], row["batch_size"], row["new_tokens"],
                      row["metric"], row["value"])
