@@ -28,7 +28,6 @@ from __future__ import annotations
 import copy
 import ctypes
 import logging
-import math
 import re
 import sys
 import time
@@ -54,7 +53,14 @@ def _status_kib(field_name: str) -> int | None:
 
 
 def rss_bytes() -> int | None:
+    """The process's resident set now (VmRSS), or None where /proc has none."""
     kib = _status_kib("VmRSS")
+    return None if kib is None else kib * 1024
+
+
+def hwm_bytes() -> int | None:
+    """The process's peak resident set since the last `reset_peaks` (VmHWM), or None where /proc has none."""
+    kib = _status_kib("VmHWM")
     return None if kib is None else kib * 1024
 
 
@@ -101,9 +107,9 @@ class StagePeak:
     def fold(self) -> None:
         if self.device.type == "cuda":
             self.accel_bytes = max(self.accel_bytes or 0, torch.cuda.max_memory_allocated(self.device))
-        hwm = _status_kib("VmHWM")
+        hwm = hwm_bytes()
         if hwm is not None:
-            self.host_bytes = max(self.host_bytes or 0, hwm * 1024)
+            self.host_bytes = max(self.host_bytes or 0, hwm)
 
     def __enter__(self):
         reset_peaks(self.device)
@@ -131,7 +137,8 @@ class StagePeak:
 # --- where the weights live --------------------------------------------------------------------------------------
 
 def weight_bytes(model) -> int:
-    return sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
+    """Bytes of the model's parameters (what a copy moves and a decode step reads; buffers are a few KiB)."""
+    return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
 def device_copy(model, device: torch.device):
@@ -237,8 +244,8 @@ def predict(shape: Shape, method: str = "depth_taylor", ratio: float = 0.2, dtyp
     more copy of the weights, in fp32 under its protocol)."""
     W = shape.params * dtype_bytes
     kv_dim = shape.kv_heads * shape.head_dim
-    pruned_W = (1 - ratio) * (W - shape.vocab * shape.hidden * dtype_bytes * (1 if shape.tied else 2)) + \
-        shape.vocab * shape.hidden * dtype_bytes * (1 if shape.tied else 2)
+    embed_W = shape.vocab * shape.hidden * dtype_bytes * (1 if shape.tied else 2)  # embedding + head: never pruned
+    pruned_W = (1 - ratio) * (W - embed_W) + embed_W
 
     def block_saved(tokens: int, b: int) -> float:  # bytes autograd keeps per block for its backward
         return tokens * (6 * shape.hidden + 2 * kv_dim + 4 * shape.intermediate) * b + tokens * 2 * shape.hidden * 4
@@ -321,8 +328,7 @@ def _main(argv: list[str]) -> None:
           f"method {method}, ratio {float(cfg.ratio):g}")
     print(table(pred))
     peak = max(v["total"] for v in pred.values())
-    print(f"predicted peak: {peak / 2**30:.2f} GiB ({max(pred, key=lambda s: pred[s]['total'])})",
-          "" if math.isfinite(peak) else "?")
+    print(f"predicted peak: {peak / 2**30:.2f} GiB ({max(pred, key=lambda s: pred[s]['total'])})")
 
 
 if __name__ == "__main__":

@@ -489,19 +489,19 @@ def memory_table(df: pd.DataFrame) -> pd.DataFrame:
     if "stage" not in df or not (df.stage == "memory").any():
         return pd.DataFrame()
     mem = df[df.stage == "memory"]
+    speed = df[df.stage == "speed"]
+    refs = (speed.dropna(subset=["speed_reference"]).groupby(KEYS).speed_reference.unique()
+            if "speed_reference" in speed else pd.Series(dtype=object))
     out = []
     for key, cell in mem.groupby(KEYS, sort=False):
-        row = dict(zip(KEYS, key)) | {"device": cell.device_name.iloc[0], "dtype": cell.dtype.iloc[0]}
-        sp = df[(df.stage == "speed") & (df.model == key[0]) & (df.method == key[1]) & (df.ratio == key[2])]
-        refs = sp.get("speed_reference", pd.Series(dtype=object)).dropna().unique()
-        row["speed_reference"] = ",".join(map(str, refs)) if len(refs) else "-"
+        row = dict(zip(KEYS, key)) | {"device": cell.device_name.iloc[0], "dtype": cell["dtype"].iloc[0]}
+        row["speed_reference"] = ",".join(map(str, refs[key])) if key in refs.index else "-"
         for stage in [s for s in MEMORY_STAGES if s in set(cell.task)]:
             part = cell[cell.task == stage].set_index("metric").value
             row[f"{stage} accel MiB"] = part.get("peak_accel_mib")
             row[f"{stage} host MiB"] = part.get("peak_host_rss_mib")
         out.append(row)
-    table = pd.DataFrame(out)
-    return table
+    return pd.DataFrame(out)
 
 
 def memory_markdown(table: pd.DataFrame) -> str:

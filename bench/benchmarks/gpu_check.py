@@ -61,6 +61,8 @@ def sweep(out: Path, methods: list[str], overrides: list[str]) -> list[str]:
 
 def stage_summary(df, model_cfg) -> list[str]:
     """Per cell and stage: wall time, measured peak accelerator memory (else host RSS), bench.memory's prediction."""
+    import pandas as pd
+
     from bench import memory
     from bench.models import hf_config
 
@@ -77,7 +79,7 @@ def stage_summary(df, model_cfg) -> list[str]:
         for stage, part in cell.groupby("task", sort=False):
             by = part.set_index("metric").value
             accel, host = by.get("peak_accel_mib"), by.get("peak_host_rss_mib")
-            value, where = (accel, "accelerator") if accel is not None and accel == accel else (host, "host RSS")
+            value, where = (accel, "accelerator") if pd.notna(accel) else (host, "host RSS")
             predicted = pred.get(stage, {}).get("total")
             lines.append(f"{method + ' r' + format(ratio, 'g'):<22} {stage:<16} {part.wall_s.iloc[0]:>8.1f} "
                          f"{value:>10,.0f} {'-' if predicted is None else format(predicted / 2**20, ',.0f'):>14}  "

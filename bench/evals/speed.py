@@ -32,17 +32,15 @@ from __future__ import annotations
 import gc
 import logging
 import math
-import re
 import statistics
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable
 
 import torch
 from omegaconf import OmegaConf
 
-from bench.memory import reset_peaks
+from bench.memory import hwm_bytes, reset_peaks, rss_bytes, weight_bytes
 from bench.progress import bar
 from bench.records import Progress
 
@@ -87,10 +85,6 @@ def timed(fn, device: torch.device) -> float:
     return time.perf_counter() - t0
 
 
-def _proc_status_kib(field: str) -> int:
-    return int(re.search(rf"^{field}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.M).group(1))
-
-
 class PeakMemory:
     """Peak bytes allocated above the level at entry: CUDA allocator, or process RSS on the CPU."""
 
@@ -102,24 +96,20 @@ class PeakMemory:
         if self.device.type == "cuda":
             self.before = torch.cuda.memory_allocated(self.device)
         else:
-            self.before = _proc_status_kib("VmRSS") * 1024
+            self.before = rss_bytes()
         return self
 
     def __exit__(self, *exc):
         if self.device.type == "cuda":
             peak = torch.cuda.max_memory_allocated(self.device)
         else:
-            peak = _proc_status_kib("VmHWM") * 1024
+            peak = hwm_bytes()
         self.extra_bytes = max(0, peak - self.before)
         return False
 
 
 def is_oom(exc: BaseException) -> bool:
     return isinstance(exc, (torch.OutOfMemoryError, MemoryError)) or "out of memory" in str(exc).lower()
-
-
-def weight_bytes(model) -> int:
-    return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
 def decode_bytes(model, context_len: float) -> float:
