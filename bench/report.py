@@ -60,11 +60,14 @@ def speed_rows(df: pd.DataFrame) -> pd.DataFrame:
     return sp[sp.new_tokens == sp.new_tokens.min()]
 
 
+RUNTIME_LLAMACPP = "llamacpp"  # bench.evals.llamacpp.RUNTIME (not imported: the report needs no torch)
+
+
 def llamacpp_rows(df: pd.DataFrame) -> pd.DataFrame:
     """The llama.cpp speed rows (runtime llamacpp, bench/evals/llamacpp.py): measured, shortest output length."""
     if "runtime" not in df or "quant" not in df:
         return df.iloc[0:0]
-    sp = df[(df.stage == "speed") & (df.status == "ok") & (df.runtime == "llamacpp")]
+    sp = df[(df.stage == "speed") & (df.status == "ok") & (df.runtime == RUNTIME_LLAMACPP)]
     return sp[sp.new_tokens == sp.new_tokens.min()]
 
 
@@ -258,6 +261,7 @@ NO_EXAMPLES = "no per-example records"
 ACCURACY = {col: task for task, col in ZEROSHOT_COLUMNS if task != "average"}
 PPL = {col: (task, metric) for task, metric, col in PPL_COLUMNS}
 SPEED = re.compile(r"^(?:(speedup|tok/s) bs(\S+)|latency bs(\S+) \(s\))$")
+LLAMACPP = re.compile(r"^llama\.cpp (\S+) speedup bs(\S+)$")  # per-round speedups in llama.cpp, per quant
 FAMILY = {"dense": "dense", "depth": "depth", "width": "width", "slice": "width"}
 
 
@@ -289,10 +293,13 @@ class Evidence:
         zs = df[(df.stage == "zeroshot") & (df.paper_metric == True)] if has else df.iloc[0:0]  # noqa: E712
         # the paper metric per task, from the records (bench.evals.zeroshot.PAPER_METRIC, without importing torch)
         self.paper = {t: m for t, m in zip(zs.task, zs.metric) if t != "average"}
-        sp = speed_rows(df)
-        self.raw = {} if "raw" not in sp else {
-            (r["model"], r["method"], float(r["ratio"]), r["metric"], float(r["batch_size"])): r["raw"]
-            for r in sp.to_dict("records") if isinstance(r.get("raw"), list) and r["raw"]}
+        # per-round values: eager rows keyed by their metric, llama.cpp rows by `llamacpp <quant> <metric>`
+        self.raw = {}
+        for sp, name in ((speed_rows(df), lambda r: r["metric"]),
+                         (llamacpp_rows(df), lambda r: f"{RUNTIME_LLAMACPP} {r['quant']} {r['metric']}")):
+            if "raw" in sp:
+                self.raw |= {(r["model"], r["method"], float(r["ratio"]), name(r), float(r["batch_size"])): r["raw"]
+                             for r in sp.to_dict("records") if isinstance(r.get("raw"), list) and r["raw"]}
         self._cache = {}
 
     def _file(self, key: tuple, name: str) -> list[dict] | None:
@@ -347,12 +354,16 @@ class Evidence:
             (est, low, high), statistic, null, n = (stats.ppl_ratio(*pair, self.n_resamples), "PPL ratio", 1.0,
                                                     len(pair[0]))
             fewest = n
-        elif SPEED.match(col):
-            name, b1, b2 = SPEED.match(col).groups()
-            metric = {"speedup": "speedup", "tok/s": "throughput_tok_s", None: "latency_s"}[name]
-            batch = float(b1 if b1 is not None else b2)
+        elif SPEED.match(col) or LLAMACPP.match(col):
+            if SPEED.match(col):
+                name, b1, b2 = SPEED.match(col).groups()
+                metric = {"speedup": "speedup", "tok/s": "throughput_tok_s", None: "latency_s"}[name]
+                batch = float(b1 if b1 is not None else b2)
+            else:
+                quant, b1 = LLAMACPP.match(col).groups()
+                metric, batch = f"{RUNTIME_LLAMACPP} {quant} speedup", float(b1)
             ra = self.raw.get((*a, metric, batch))
-            if metric == "speedup" and b[1] == "dense":
+            if metric.endswith("speedup") and b[1] == "dense":
                 if ra is None:
                     return None
                 (est, low, high), statistic, n = stats.speedup_mean(ra, self.n_resamples), "mean speedup", len(ra)
@@ -363,7 +374,7 @@ class Evidence:
                     return None
                 (est, low, high), n = stats.speedup_ratio(ra, rb, self.n_resamples), len(ra) + len(rb)
                 fewest = min(len(ra), len(rb))
-                statistic = "speedup ratio" if metric == "speedup" else "ratio of means"
+                statistic = "speedup ratio" if metric.endswith("speedup") else "ratio of means"
             null = 1.0
         else:
             return None
@@ -379,7 +390,8 @@ PAIRED_COLUMNS = ["model", "ratio", "method", "kind", "against", "metric", "stat
 
 def _paired_metrics(table: pd.DataFrame) -> list[str]:
     """The columns paired.md compares: every accuracy and the average, every perplexity, every speedup."""
-    return [c for c in metric_columns(table) if c in ACCURACY or c == "Avg" or c in PPL or c.startswith("speedup")]
+    return [c for c in metric_columns(table)
+            if c in ACCURACY or c == "Avg" or c in PPL or c.startswith("speedup") or LLAMACPP.match(c)]
 
 
 def paired_table(results_dir: str | Path, df: pd.DataFrame | None = None,
@@ -388,8 +400,8 @@ def paired_table(results_dir: str | Path, df: pd.DataFrame | None = None,
     counts as width) at the same model and ratio, per metric: the best row is the other family's best value of
     that metric. Accuracy: difference in points with a 95% paired bootstrap over documents (the average: each
     task's documents resampled on their own, the mean of the per-task differences); perplexity: the ratio of PPLs,
-    paired over windows; speedup: against dense the mean per-round speedup, against the other family the ratio of
-    the two mean speedups (rounds resampled independently). 10,000 resamples, seeded. verdict: `<family> better`
+    paired over windows; speedup (eager, and llama.cpp per quantization): against dense the mean per-round
+    speedup, against the other family the ratio of the two mean speedups (rounds resampled independently). 10,000 resamples, seeded. verdict: `<family> better`
     or `no significant difference` at 95%; `no per-example records` where a side lacks them."""
     df = load_records(results_dir) if df is None else df
     table = main_table(df)
@@ -426,8 +438,8 @@ PAIRED_CAPTION = (
     "Paired comparisons: every pruned row against dense and against the other family's best row (depth vs width, "
     "SliceGPT as width) of the same metric at the same ratio. Accuracy (paper metric, x100): difference, row minus "
     "against, 95% paired-bootstrap interval (documents resampled jointly; Avg: each task resampled on its own, the "
-    "mean of the per-task differences); perplexity: PPL ratio, row over against, bootstrap over windows; speedup: "
-    "against dense the mean per-round speedup, against the other family the ratio of mean speedups (rounds "
+    "mean of the per-task differences); perplexity: PPL ratio, row over against, bootstrap over windows; speedup (eager, and llama.cpp per "
+    "quantization): against dense the mean per-round speedup, against the other family the ratio of mean speedups (rounds "
     "resampled independently). 10,000 resamples, seed 0; verdict at 95%.")
 
 

@@ -194,3 +194,34 @@ def test_one_round_gives_no_verdict(tmp_path):
     assert set(speed.verdict) == {"too few samples (n < 2 per side)"} and len(speed) == 2
     avg = paired[(paired.metric == "Avg") & (paired.method == "depth_ppl+") & (paired.against == "flap")]
     assert list(avg.verdict) == ["depth better"]  # 200 documents a task: evidence
+
+
+def test_llamacpp_speedups_get_paired_verdicts_per_quant(tmp_path):
+    """The edge sweep's llama.cpp rows (one per quant) carry per-round speedups: paired.md compares them like the
+    eager ones, per quantization, and main.md bolds a significant best."""
+    def cell(method, kind, ratio, rounds):
+        ident = {"model": "m", "method": method, "kind": kind, "ratio": ratio, "params": 100, "dense_params": 100,
+                 "removed_frac_total_params": ratio}
+        point = {"stage": "speed", "task": "generate", "runtime": "llamacpp", "new_tokens": 32, "batch_size": 1,
+                 "status": "ok", "n": 5}
+        rows = [ident | point | {"quant": q, "metric": "decode_tok_s", "value": 100.0, "stderr": None}
+                for q in rounds or ("f16", "q4_k_m")]
+        rows += [ident | point | {"quant": q, "metric": "speedup", "value": float(np.mean(r)), "stderr": 0.01,
+                                  "raw": r} for q, r in (rounds or {}).items()]
+        path = tmp_path / method / f"r{ratio}"
+        path.mkdir(parents=True)
+        (path / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    cell("dense", "dense", 0.0, None)
+    cell("depth_ppl+", "depth", 0.2, {"f16": [1.30, 1.31, 1.29, 1.30, 1.32], "q4_k_m": [1.10, 1.20, 1.00, 1.15, 1.05]})
+    cell("wanda_sp", "width", 0.2, {"f16": [1.10, 1.11, 1.09, 1.10, 1.12], "q4_k_m": [1.12, 1.02, 1.17, 1.07, 1.10]})
+    md, _, _ = write_tables(tmp_path)
+    paired = pd.read_csv(tmp_path / "tables" / "paired.csv").set_index(["method", "against", "metric"])
+    f16 = paired.loc[("depth_ppl+", "wanda_sp", "llama.cpp f16 speedup bs1")]
+    assert f16.statistic == "speedup ratio" and f16.estimate == pytest.approx(1.304 / 1.104)
+    assert f16.verdict == "depth better"
+    assert paired.loc[("depth_ppl+", "dense", "llama.cpp f16 speedup bs1")].verdict == "depth better"
+    assert paired.loc[("wanda_sp", "depth_ppl+", "llama.cpp q4_k_m speedup bs1")].verdict == \
+        "no significant difference"
+    depth = next(line for line in md.read_text().splitlines() if "| depth_ppl+ " in line)
+    assert depth.count("**") == 2  # f16's speedup: bold; q4_k_m's: a tie, not bold
