@@ -265,6 +265,17 @@ LLAMACPP = re.compile(r"^llama\.cpp (\S+) speedup bs(\S+)$")  # per-round speedu
 FAMILY = {"dense": "dense", "depth": "depth", "width": "width", "slice": "width"}
 
 
+def _raw_key(col: str) -> tuple[str, float] | None:
+    """(metric, batch) under which `Evidence.raw` keeps a speed column's per-round values, or None."""
+    if m := SPEED.match(col):
+        name, b1, b2 = m.groups()
+        return ({"speedup": "speedup", "tok/s": "throughput_tok_s", None: "latency_s"}[name],
+                float(b1 if b1 is not None else b2))
+    if m := LLAMACPP.match(col):
+        return f"{RUNTIME_LLAMACPP} {m.group(1)} speedup", float(m.group(2))
+    return None
+
+
 def _key(row) -> tuple:
     return (row["model"], row["method"], float(row["ratio"]))
 
@@ -354,16 +365,11 @@ class Evidence:
             (est, low, high), statistic, null, n = (stats.ppl_ratio(*pair, self.n_resamples), "PPL ratio", 1.0,
                                                     len(pair[0]))
             fewest = n
-        elif SPEED.match(col) or LLAMACPP.match(col):
-            if SPEED.match(col):
-                name, b1, b2 = SPEED.match(col).groups()
-                metric = {"speedup": "speedup", "tok/s": "throughput_tok_s", None: "latency_s"}[name]
-                batch = float(b1 if b1 is not None else b2)
-            else:
-                quant, b1 = LLAMACPP.match(col).groups()
-                metric, batch = f"{RUNTIME_LLAMACPP} {quant} speedup", float(b1)
+        elif (raw_key := _raw_key(col)) is not None:
+            metric, batch = raw_key
+            speedup = metric.endswith("speedup")
             ra = self.raw.get((*a, metric, batch))
-            if metric.endswith("speedup") and b[1] == "dense":
+            if speedup and b[1] == "dense":
                 if ra is None:
                     return None
                 (est, low, high), statistic, n = stats.speedup_mean(ra, self.n_resamples), "mean speedup", len(ra)
@@ -374,7 +380,7 @@ class Evidence:
                     return None
                 (est, low, high), n = stats.speedup_ratio(ra, rb, self.n_resamples), len(ra) + len(rb)
                 fewest = min(len(ra), len(rb))
-                statistic = "speedup ratio" if metric.endswith("speedup") else "ratio of means"
+                statistic = "speedup ratio" if speedup else "ratio of means"
             null = 1.0
         else:
             return None
@@ -401,8 +407,9 @@ def paired_table(results_dir: str | Path, df: pd.DataFrame | None = None,
     that metric. Accuracy: difference in points with a 95% paired bootstrap over documents (the average: each
     task's documents resampled on their own, the mean of the per-task differences); perplexity: the ratio of PPLs,
     paired over windows; speedup (eager, and llama.cpp per quantization): against dense the mean per-round
-    speedup, against the other family the ratio of the two mean speedups (rounds resampled independently). 10,000 resamples, seeded. verdict: `<family> better`
-    or `no significant difference` at 95%; `no per-example records` where a side lacks them."""
+    speedup, against the other family the ratio of the two mean speedups (rounds resampled independently).
+    10,000 resamples, seeded. verdict: `<family> better` or `no significant difference` at 95%; `no per-example
+    records` where a side lacks them."""
     df = load_records(results_dir) if df is None else df
     table = main_table(df)
     evidence = Evidence(results_dir, df, n_resamples)
@@ -438,9 +445,9 @@ PAIRED_CAPTION = (
     "Paired comparisons: every pruned row against dense and against the other family's best row (depth vs width, "
     "SliceGPT as width) of the same metric at the same ratio. Accuracy (paper metric, x100): difference, row minus "
     "against, 95% paired-bootstrap interval (documents resampled jointly; Avg: each task resampled on its own, the "
-    "mean of the per-task differences); perplexity: PPL ratio, row over against, bootstrap over windows; speedup (eager, and llama.cpp per "
-    "quantization): against dense the mean per-round speedup, against the other family the ratio of mean speedups (rounds "
-    "resampled independently). 10,000 resamples, seed 0; verdict at 95%.")
+    "mean of the per-task differences); perplexity: PPL ratio, row over against, bootstrap over windows; speedup "
+    "(eager, and llama.cpp per quantization): against dense the mean per-round speedup, against the other family "
+    "the ratio of mean speedups (rounds resampled independently). 10,000 resamples, seed 0; verdict at 95%.")
 
 
 def paired_markdown(paired: pd.DataFrame) -> str:
