@@ -33,10 +33,11 @@ GPU_CHECK_CMD ?= -u -m bench.benchmarks.gpu_check --out $(OUT)
 
 .PHONY: setup model test test-slurm sweep sweep-extras tables plots bench-scoring bench-speed bench-zeroshot gpu-wheels gpu-check test-gpu setup-llamacpp test-llamacpp clean
 
-$(BIN)/.installed: pyproject.toml
+# constraints.txt pins the GPU bundle's distributions to the versions it ships, so that a fresh venv (CI's) tests them.
+$(BIN)/.installed: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV_FLAGS) $(VENV)
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install --quiet "$(TORCH)"
-	$(BIN)/pip install --quiet -e ".[test,slurm]"
+	$(BIN)/pip install --quiet -c constraints.txt -e ".[test,slurm]"
 	touch $@
 
 setup: $(BIN)/.installed
@@ -99,7 +100,7 @@ $(BIN)/.llamacpp: $(BIN)/.installed
 	command -v c++ >/dev/null && command -v cmake >/dev/null || \
 		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq build-essential cmake)
 	CMAKE_ARGS="$(LLAMACPP_CMAKE)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) \
-		$(BIN)/pip install --quiet --no-cache-dir -e ".[llamacpp]"
+		$(BIN)/pip install --quiet --no-cache-dir -c constraints.txt -e ".[llamacpp]"
 	touch $@
 
 setup-llamacpp: $(BIN)/.llamacpp

@@ -40,7 +40,15 @@ def _bundle() -> set[str]:
 
 
 def test_pins_are_the_dev_venv_versions():
-    assert {d: metadata.version(d) for d in gb.BUNDLE} == gb.pins()
+    assert {d: metadata.version(d) for d in gb.BUNDLE} == gb.pins(), "make setup installs constraints.txt's pins"
+
+
+def test_constraints_pin_exactly_the_bundle():
+    """The Makefile installs the dev venv with constraints.txt: it must pin BUNDLE's versions and nothing else."""
+    lines = (Path(__file__).parents[1] / "constraints.txt").read_text().splitlines()
+    pinned = [Requirement(line) for line in lines if line.strip() and not line.startswith("#")]
+    assert {canonicalize_name(r.name): str(r.specifier) for r in pinned} == \
+        {canonicalize_name(d): f"=={v}" for d, v in gb.pins().items()}
 
 
 def test_import_names_belong_to_their_distributions():

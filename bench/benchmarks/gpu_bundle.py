@@ -46,7 +46,8 @@ IMAGE_PINS = {"transformers": "==5.17.*"}
 # huggingface_hub < 2, and hub 1.x requires httpx (certifi, idna, httpcore, h11); the dev venv's hub 2.x uses httpx2.
 IMAGE_VIA_HUB1 = ("httpx", "httpcore", "h11", "certifi", "idna")
 
-# distribution: (version, import name, why the check needs it). Versions are the dev venv's (tests check it).
+# distribution: (version, import name, why the check needs it). Versions are the dev venv's: the Makefile installs
+# it with constraints.txt, which pins the same (tests check both).
 BUNDLE = {
     "lm_eval": ("0.4.13", "lm_eval", "zero-shot stage"),
     "datasets": ("5.2.0", "datasets", "lm-eval's tasks load the local documents through it"),
