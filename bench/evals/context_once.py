@@ -11,7 +11,8 @@ window before the continuation into one row:
     mask       causal in the prefix; a continuation sees the prefix and itself only
 
 A continuation's log-probabilities are the prefix's last position followed by its own positions, exactly the
-positions HFLM scores, so each request gets HFLM's (sum log-prob, is-greedy) up to float rounding (fp32: ~1e-6).
+positions HFLM scores, so each request gets HFLM's (sum log-prob, is-greedy) up to float rounding (fp32: about
+1e-6 a token, so up to about 1e-4 on a sum over a long continuation; `make bench-zeroshot` prints the largest).
 Several rows (documents) go in one forward, right-padded; only the scored positions reach log_softmax. A request
 whose input was left-truncated still packs: its prefix is then its own truncated window, so it has a row of its own.
 
