@@ -129,7 +129,9 @@ class Progress:
     """
 
     def __init__(self, path: Path | None = None, model_key: str = ""):
-        self.path, self.model_key, self.units, self.reused = path, model_key, {}, []
+        # done: the units this run has returned, in order (reused or measured); a measured one is listed before its
+        # line is written, so a signal between the two never leaves a stored unit out of an error.json
+        self.path, self.model_key, self.units, self.reused, self.done = path, model_key, {}, [], []
         if path is not None and Path(path).exists():
             for line in Path(path).read_text().splitlines():
                 entry = json.loads(line)
@@ -146,10 +148,12 @@ class Progress:
         entry = self.units.get(unit)
         if entry is not None and entry["key"] == key:
             self.reused.append(unit)
+            self.done.append(unit)
             return entry["rows"]
         folder = self._scratch(unit, key) if resumable else None
         rows = fn(folder) if resumable else fn()
         self.units[unit] = {"unit": unit, "key": key, "rows": rows}
+        self.done.append(unit)
         self._write()
         if folder is not None:
             shutil.rmtree(folder, ignore_errors=True)
@@ -165,6 +169,11 @@ class Progress:
                 shutil.rmtree(stale, ignore_errors=True)
         folder.mkdir(parents=True, exist_ok=True)
         return folder
+
+    def rows_since(self, mark: int) -> list[dict]:
+        """The rows of the units returned since `len(self.done)` was `mark`: a stage's finished units when it
+        fails midway (the runner puts them in error.json)."""
+        return [row for unit in self.done[mark:] if unit in self.units for row in self.units[unit]["rows"]]
 
     def drop(self, bad) -> None:
         """Forget the units holding a row for which `bad(row)` is true (a NaN perplexity): a rerun measures them."""

@@ -429,10 +429,14 @@ def _run(cfg, method, ratio: float, out: Path, rows: list[dict], mem: list[dict]
                             bool(cfg.get("shape_only")), weight_sums(model))  # the weights stand for plan and retrain
     progress = Progress(out / PARTIAL, model_key)
     for stage in cfg.eval.stages:
-        reused = len(progress.reused)
+        reused, mark = len(progress.reused), len(progress.done)
         with StagePeak(device) as peak:
-            rows += [ident | row | prov for row in STAGES[stage](model, tokenizer, cfg, dense=dense,
-                                                                  progress=progress)]
+            try:
+                stage_rows = STAGES[stage](model, tokenizer, cfg, dense=dense, progress=progress)
+            except Exception:  # error.json keeps the units this stage finished (SIGTERM may come right after one)
+                rows += [ident | row | prov for row in progress.rows_since(mark)]
+                raise
+            rows += [ident | row | prov for row in stage_rows]
         mem += peak.rows(stage, resumed=len(progress.reused) > reused)
         bad = [r for r in rows if not_finite_ppl(r)]
         if bad:

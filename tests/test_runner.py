@@ -161,7 +161,10 @@ def test_interrupted_cell_redoes_only_the_unfinished_units(cfg_for, monkeypatch,
     cell = tmp_path / "results" / "tiny-llama" / "depth_magnitude+" / "r0.25"
     partial = [json.loads(line) for line in (cell / "partial.jsonl").read_text().splitlines()]
     assert [e["unit"] for e in partial] == ["ppl/wikitext2/once", "ppl/wikitext2/every"]
-    assert not (cell / "records.jsonl").exists() and (cell / "error.json").exists()
+    assert not (cell / "records.jsonl").exists()
+    error = json.loads((cell / "error.json").read_text())  # the stage's finished units, as records would hold them
+    assert [(r["task"], r["metric"], r["method"]) for r in error["rows"]] == [("wikitext2", "ppl", "depth_magnitude+"),
+                                                                             ("wikitext2", "ppl_bos", "depth_magnitude+")]
 
     calls.clear()
     monkeypatch.setattr(ppl, "window_nll", lambda *a, **k: calls.append(1) or real(*a, **k))
@@ -175,6 +178,31 @@ def test_interrupted_cell_redoes_only_the_unfinished_units(cfg_for, monkeypatch,
     expected = [r["value"] for r in map(json.loads, (fresh / "records.jsonl").read_text().splitlines())
                 if r["stage"] != "memory"]
     assert [r["value"] for r in resumed] == pytest.approx(expected, rel=1e-9)
+
+
+def test_a_failure_right_after_a_unit_is_stored_keeps_it_in_error_json(cfg_for, monkeypatch, tmp_path):
+    """SLURM's SIGTERM can land just after partial.jsonl is replaced, before the unit's call returns (seen in CI's
+    scancel test): error.json must still hold that unit's rows, since the file says it is finished."""
+    import bench.records as records
+
+    real, writes = records.write_atomic, []
+
+    def killed_after_second_unit(path, text):
+        real(path, text)
+        if path.name == "partial.jsonl":
+            writes.append(1)
+            if len(writes) == 2:
+                raise RuntimeError("injected signal after the write")
+
+    monkeypatch.setattr(records, "write_atomic", killed_after_second_unit)
+    with pytest.raises(RuntimeError, match="injected"):
+        run_cell(cfg_for("model=tiny-llama", "method=depth_magnitude", "ratio=0.25", "eval.ppl.max_windows=1",
+                         "eval.ppl.bos_modes=[once]"))
+    cell = tmp_path / "results" / "tiny-llama" / "depth_magnitude+" / "r0.25"
+    stored = [json.loads(line)["unit"] for line in (cell / "partial.jsonl").read_text().splitlines()]
+    error = json.loads((cell / "error.json").read_text())
+    assert stored == ["ppl/wikitext2/once", "ppl/ptb/once"]
+    assert [r["task"] for r in error["rows"] if r["stage"] == "ppl"] == ["wikitext2", "ptb"]
 
 
 def test_finished_units_are_reused_only_for_the_same_model_and_config(tmp_path):
