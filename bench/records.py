@@ -173,7 +173,7 @@ class Progress:
     def rows_since(self, mark: int) -> list[dict]:
         """The rows of the units returned since `len(self.done)` was `mark`: a stage's finished units when it
         fails midway (the runner puts them in error.json)."""
-        return [row for unit in self.done[mark:] if unit in self.units for row in self.units[unit]["rows"]]
+        return [row for unit in self.done[mark:] for row in self.units[unit]["rows"]]
 
     def drop(self, bad) -> None:
         """Forget the units holding a row for which `bad(row)` is true (a NaN perplexity): a rerun measures them."""
