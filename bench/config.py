@@ -6,14 +6,27 @@ the key and the allowed values before Hydra starts.
 
 from __future__ import annotations
 
+import os
+import platform
 from pathlib import Path
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from bench import BenchError
 
 CONF_DIR = Path(__file__).resolve().parent / "conf"  # inside the package: a wheel carries the configs
 GROUPS = ("model", "method", "eval")
+
+
+def launcher_id() -> str:
+    """`<host>-<pid>` of the process that starts a run or sweep: the `${bench_launcher:}` in Hydra's run and sweep
+    directories (conf/config.yaml), so that two sweeps started in the same second into one out_dir never share a
+    sweep directory (their job folders, status.json and summary.json)."""
+    return f"{platform.node()}-{os.getpid()}"
+
+
+if not OmegaConf.has_resolver("bench_launcher"):
+    OmegaConf.register_new_resolver("bench_launcher", launcher_id, use_cache=True)  # like `now`: a job's copy keeps it
 
 
 def choices(group: str, extra_dirs: list[Path] = ()) -> list[str]:

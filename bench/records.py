@@ -11,6 +11,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -22,21 +23,30 @@ RECORDS = "records.jsonl"
 ERROR = "error.json"  # a failed cell: type, message, traceback and any rows measured before the failure
 PARTIAL = "partial.jsonl"  # an unfinished cell: its finished evaluation units (Progress)
 UNIT_SCRATCH = "partial_units"  # an unfinished unit's own checkpoints (lm-eval's request cache), one folder per unit
+log = logging.getLogger("bench.records")
 EXAMPLES = "examples"  # per-document / per-window values of a unit (gzipped JSONL), for paired bootstrap statistics
 
 
 def write_atomic(path: Path, data: str | bytes) -> None:
+    """Write `data` to `path` through a temporary file in the same folder, fsynced, then renamed into place: a
+    reader sees the old file or the whole new one, never part of it. A failed write (ENOSPC on a full disk, EDQUOT,
+    EIO, a read-only mount) removes the temporary file and raises an OSError naming `path` itself, so the error
+    line says which file could not be written."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         with os.fdopen(fd, "wb") as f:
             f.write(data.encode() if isinstance(data, str) else data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as e:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.errno is not None:
+            raise OSError(e.errno, e.strerror, str(path)) from e
         raise
 
 
@@ -133,9 +143,12 @@ class Progress:
         # line is written, so a signal between the two never leaves a stored unit out of an error.json
         self.path, self.model_key, self.units, self.reused, self.done = path, model_key, {}, [], []
         if path is not None and Path(path).exists():
-            for line in Path(path).read_text().splitlines():
-                entry = json.loads(line)
-                self.units[entry["unit"]] = entry
+            for n, line in enumerate(Path(path).read_text(errors="replace").splitlines(), 1):
+                try:
+                    entry = json.loads(line)
+                    self.units[entry["unit"]] = entry
+                except (ValueError, TypeError, KeyError):  # a copy cut short, a hand edit: that unit is redone
+                    log.warning("%s: line %d is not a finished unit (damaged): it is measured again", path, n)
 
     def run(self, unit: str, config, fn, resumable: bool = False) -> list[dict]:
         """The unit's rows: stored ones when it finished with the same key, else `fn()`'s, then stored.

@@ -15,7 +15,8 @@ per-window records, independent bootstrap over speed rounds); where those record
 paired.{md,csv} (`paired_table`) compare every pruned row with dense and with the other family's best. The CSV holds
 every value with its stderr and sample count. main.md opens with a caption (`caption`) built from the same
 records: how much was measured, on what, with which calibration and package versions; main.tex carries it as a
-`% caption:` comment block.
+`% caption:` comment block. Records from an older version or another tool get the columns they lack filled where
+they can be derived (`load`, bench/compat.py), with one warning line per such file.
 """
 
 from __future__ import annotations
@@ -292,6 +293,15 @@ def cell_dirs(results_dir: str | Path) -> dict[tuple, Path]:
     return dirs
 
 
+def load(results_dir: str | Path) -> pd.DataFrame:
+    """Every record below `results_dir` (load_records), with the columns the tables and plots index filled in
+    where a file from an older version or another tool lacks them (bench.compat.upgrade: one warning line per
+    such file)."""
+    from bench.compat import upgrade
+
+    return upgrade(load_records(results_dir), cell_dirs(results_dir), results_dir)
+
+
 class Evidence:
     """What the significance tests read: per-document zero-shot outcomes and per-window NLL sums from each cell's
     examples/ folder, per-round speed values (the `raw` field) from the records. `compare(a, b, col)` gives the
@@ -410,7 +420,7 @@ def paired_table(results_dir: str | Path, df: pd.DataFrame | None = None,
     speedup, against the other family the ratio of the two mean speedups (rounds resampled independently).
     10,000 resamples, seeded. verdict: `<family> better` or `no significant difference` at 95%; `no per-example
     records` where a side lacks them."""
-    df = load_records(results_dir) if df is None else df
+    df = load(results_dir) if df is None else df
     table = main_table(df)
     evidence = Evidence(results_dir, df, n_resamples)
     out = []
@@ -466,7 +476,7 @@ def depth_vs_width(results_dir: str | Path, df: pd.DataFrame | None = None,
     width (points, paired bootstrap; the records' difference and a NaN interval without per-example records) and
     the difference of their mean speedups at the smallest batch (rounds resampled independently; the records'
     difference and a NaN interval without rounds)."""
-    df = load_records(results_dir) if df is None else df
+    df = load(results_dir) if df is None else df
     table = main_table(df)
     if "Avg" not in table:
         return pd.DataFrame()
@@ -547,7 +557,7 @@ def memory_markdown(table: pd.DataFrame) -> str:
 def write_tables(results_dir: str | Path) -> list[Path]:
     """tables/main.{md,tex,csv} and tables/paired.{md,csv}; returns the three main paths (callers unpack them)."""
     results_dir = Path(results_dir)
-    df = load_records(results_dir)
+    df = load(results_dir)
     if df.empty:
         raise SystemExit(f"no records.jsonl below {results_dir}")
     table = main_table(df)

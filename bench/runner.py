@@ -25,6 +25,7 @@ Writes to <out_dir>/<model>/<method>/r<ratio>/ (dense: r0):
     partial_units/ while a zero-shot task runs: lm-eval's cache of the requests it answered, so a killed task
                    resumes where it stopped; removed with the unit
     records.jsonl  one row per stage x task x metric, with provenance; its presence marks the cell done
+    cell.lock      while a process computes the cell: its owner (bench.lock); another process skips the cell
     error.json     only after a failure: the error, its traceback and the rows measured before it
 """
 
@@ -53,6 +54,7 @@ from bench.data import calibration_ids
 from bench.evals import STAGES
 from bench.evals import speed
 from bench.evals.cost import cost_notice
+from bench.lock import CellLock
 from bench.memory import StagePeak, device_copy, host_available_bytes, predicted_speed_bytes, speed_reference, \
     weight_bytes
 from bench.methods import build_method
@@ -116,9 +118,9 @@ def cached_scores(cfg, method, model, calib_ids, budget) -> tuple[list[float], b
         h.update(calib_ids.numpy().tobytes())
     fmt = getattr(method, "scores_format", "json")  # "pt": scores holding tensors (SliceGPT's bases)
     path = Path(cfg.cache_dir) / "scores" / cfg.model.name / f"{h.hexdigest()[:20]}.{fmt}"
-    if path.exists():
-        stored = torch.load(path, weights_only=True) if fmt == "pt" else json.loads(path.read_text())
-        return stored["scores"], True
+    stored = read_cached_scores(path, fmt) if path.exists() else None
+    if stored is not None:
+        return stored, True
     scores = method.score(model, calib_ids, budget)
     if fmt == "pt":
         buf = io.BytesIO()
@@ -127,6 +129,18 @@ def cached_scores(cfg, method, model, calib_ids, budget) -> tuple[list[float], b
     else:
         write_json(path, {"key": key, "scores": scores})
     return scores, False
+
+
+def read_cached_scores(path: Path, fmt: str):
+    """The scores stored at `path`, or None, with one warning line, when the file is truncated or garbled (a
+    copy cut short, a disk error): the caller recomputes and rewrites it, never uses it."""
+    try:
+        stored = torch.load(path, weights_only=True) if fmt == "pt" else json.loads(path.read_text())
+        return stored["scores"]
+    except Exception as e:  # noqa: BLE001 (pickle, zip, JSON, key and decode errors alike)
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        log.warning("score cache %s is damaged (%s: %s): recomputing it", path, type(e).__name__, first)
+        return None
 
 
 _BASE: dict[str, tuple] = {}
@@ -201,10 +215,8 @@ def saved_plan(plan_file, method, budget, structure_only: bool = False) -> Plan:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise BenchError(f"plan_file={plan_file}: not valid JSON ({e}); allowed: a plan.json a cell wrote") from e
+    check_plan_kind(plan_file, data, method)
     plan = plans.from_json(data)
-    if plan.kind != method.kind:
-        raise BenchError(f"plan_file={plan_file}: a {plan.kind} plan, but method={method.label} needs "
-                         f"a {method.kind} plan")
     if plan.kind == "slice" and plan.rotations is None and not structure_only:
         raise BenchError(f"plan_file={plan_file}: a SliceGPT plan.json holds only the hashes of its bases; "
                          f"allowed with shape_only=true, else run without plan_file")
@@ -212,6 +224,15 @@ def saved_plan(plan_file, method, budget, structure_only: bool = False) -> Plan:
         raise BenchError(f"plan_file={plan_file}: made for {plan.n_layers} blocks, the model has "
                          f"{budget.n_blocks}")
     return plan
+
+
+def check_plan_kind(plan_file, data, method) -> None:
+    """The plan's kind must be the method's: a width plan given to a depth method is named as such, before its
+    fields are read (and before the model loads, from `cell`)."""
+    kind = data.get("kind") if isinstance(data, dict) else None
+    if kind != method.kind:
+        raise BenchError(f"plan_file={plan_file}: a {kind} plan, but method={method.label} needs a {method.kind} "
+                         f"plan")
 
 
 def prune(cfg, method, model, tokenizer, budget, out: Path, timing: dict, mem: list) -> tuple[Plan, dict]:
@@ -325,6 +346,8 @@ def cell(cfg):
     if cfg.get("plan_file") and not method.prunes:
         raise BenchError(f"plan_file is set but method={method.label} does not prune; allowed: a depth or width "
                          f"method")
+    if cfg.get("plan_file"):  # validate() checked it is a JSON object with a kind
+        check_plan_kind(cfg.plan_file, json.loads(Path(cfg.plan_file).expanduser().read_text()), method)
     if cfg.retrain not in RETRAIN:
         raise BenchError(f"retrain={cfg.retrain!r}: allowed values are {', '.join(RETRAIN)}")
     if cfg.get("shape_only") and cfg.retrain != "none":
@@ -339,23 +362,55 @@ def row_label(cfg, method) -> str:
     return method.label + ("" if cfg.retrain == "none" else f"+{cfg.retrain}")
 
 
+class CellBusy(Exception):
+    """Another live process holds the cell's lock (bench.lock): this one skipped it."""
+
+
 def run_cell(cfg) -> Path:
-    """Run one cell; skip it if its records already exist. Returns the cell directory. A failure leaves
-    error.json (type, message, traceback, any rows already measured) and re-raises; a later success removes it."""
+    """Run one cell (`compute_cell`); returns the cell directory."""
+    return compute_cell(cfg)[0]
+
+
+def compute_cell(cfg) -> tuple[Path, str]:
+    """Run one cell; skip it if its records already exist. Returns the cell directory and what happened to the
+    cell: `ran`, or `skipped` (its records were there, or were written meanwhile by the process holding its lock).
+
+    The cell is computed under its lock (bench.lock, `lock.*` in conf/config.yaml): a cell that another live
+    process is computing is skipped with one log line and `CellBusy` (or waited for, `lock.on_busy=wait`), so two
+    sweeps into one out_dir compute every cell once. A failure leaves error.json (type, message, traceback, any rows
+    already measured) and re-raises; a later success removes it. A failed write (a full disk) raises an OSError
+    naming the file (bench.records.write_atomic) and leaves no partial file; the next run finishes the cell from its
+    finished units."""
     method, ratio, out = cell(cfg)
+    lk = cfg.get("lock") or {}
     if (out / RECORDS).exists():
         log.info("%s: done, skipping", out)
-        return out
-    partial: list[dict] = []
-    memory: list[dict] = []
-    try:
-        _run(cfg, method, ratio, out, partial, memory)
-    except Exception as exc:  # an out-of-memory failure keeps the peaks of the stages before it
-        write_json(out / ERROR, {"error": type(exc).__name__, "message": str(exc),
-                                 "traceback": traceback.format_exc(), "rows": partial, "memory": memory})
-        raise
-    (out / ERROR).unlink(missing_ok=True)
-    return out
+        if CellLock(out, lk.get("stale_s", 600)).abandoned():  # a kill between its records and its cleanup
+            Progress(out / PARTIAL).finish()
+        return out, "skipped"
+    with CellLock(out, lk.get("stale_s", 600), lk.get("refresh_s", 30)) as lock:
+        if lock.busy is not None and lk.get("on_busy", "skip") == "wait":
+            log.info("cell %s is being computed by %s: waiting", out, lock.busy.describe())
+            lock.wait_for(poll_s=min(5.0, float(lk.get("refresh_s", 30))))
+        if lock.busy is not None:
+            log.info("cell %s is being computed by %s: skipped", out, lock.busy.describe())
+            raise CellBusy(f"cell {out} is being computed by {lock.busy.describe()}")
+        if (out / RECORDS).exists():  # finished by the process that held the lock
+            log.info("%s: done by another process, skipping", out)
+            return out, "skipped"
+        partial: list[dict] = []
+        memory: list[dict] = []
+        try:
+            _run(cfg, method, ratio, out, partial, memory)
+        except Exception as exc:  # an out-of-memory failure keeps the peaks of the stages before it
+            try:
+                write_json(out / ERROR, {"error": type(exc).__name__, "message": str(exc),
+                                         "traceback": traceback.format_exc(), "rows": partial, "memory": memory})
+            except OSError as e:  # the disk that failed the cell may fail this too: the cell's error wins
+                log.warning("could not write %s: %s", out / ERROR, e.strerror or e)
+            raise
+        (out / ERROR).unlink(missing_ok=True)
+    return out, "ran"
 
 
 def not_finite_ppl(row: dict) -> bool:
@@ -428,6 +483,9 @@ def _run(cfg, method, ratio: float, out: Path, rows: list[dict], mem: list[dict]
     model_key = fingerprint(OmegaConf.to_container(cfg.model, resolve=True), cfg.device, run_dtype(cfg), cfg.seed,
                             bool(cfg.get("shape_only")), weight_sums(model))  # the weights stand for plan and retrain
     progress = Progress(out / PARTIAL, model_key)
+    if progress.units:  # a resumed cell says so at once (a requeued SLURM task's log), not only when it ends
+        log.info("%s: resuming an interrupted run: %d units in %s (%s); those measured with these weights and "
+                 "settings are reused", out, len(progress.units), PARTIAL, ", ".join(progress.units))
     for stage in cfg.eval.stages:
         reused, mark = len(progress.reused), len(progress.done)
         with StagePeak(device) as peak:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -108,6 +109,9 @@ SCHEMA: dict[str, Rule] = {
     "shared_calib.n_samples": positive(),
     "shared_calib.seq_len": positive(),
     "shared_calib.seed": Rule(int),
+    "lock.on_busy": Rule(choices=("skip", "wait")),
+    "lock.stale_s": Rule(float, gt=0),
+    "lock.refresh_s": Rule(float, gt=0),
     "model.name": Rule(str),
     "model.source": Rule(choices=SOURCES),
     "model.init": Rule(choices=("cpu", "device")),
@@ -227,6 +231,26 @@ def check_plan_file(plan_file) -> None:
                          f"plan.json of an earlier run")
 
 
+def check_out_dir(out_dir) -> None:
+    """out_dir must be a directory this process can create and write (Hydra's run directory and every cell go
+    below it), so an unwritable one (`/proc/bench-out`, a read-only mount) fails in one line, not in Hydra's
+    traceback. Tried for real (created, a file made in it), then the folders this check made are removed again."""
+    path = Path(str(out_dir)).expanduser().absolute()
+    made = [p for p in (path, *path.parents) if not p.exists()]
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        tempfile.NamedTemporaryFile(dir=path, prefix=".bench-write-probe-").close()
+    except OSError as e:
+        raise BenchError(f"out_dir={str(out_dir)!r}: cannot create or write it ({e.strerror or e}); allowed "
+                         f"values are a directory this process can create and write") from None
+    finally:
+        for folder in made:  # deepest first
+            try:
+                folder.rmdir()
+            except OSError:
+                pass
+
+
 def validate(cfg) -> None:
     """Check every typed key of a run config; raise a one-line BenchError for the first bad one. Reads no
     weights and no data: about a second, so a bad input fails before any work."""
@@ -240,3 +264,9 @@ def validate(cfg) -> None:
         check_model(cfg.model, bool(cfg.get("shape_only")))
     if cfg.get("plan_file"):  # null or empty: no plan file (bench.runner.prune)
         check_plan_file(cfg.plan_file)
+    lock = cfg.get("lock")
+    if isinstance(lock, DictConfig) and lock.get("refresh_s", 0) >= lock.get("stale_s", math.inf):
+        raise BenchError(f"lock.refresh_s={lock.refresh_s!r}: must be below lock.stale_s={lock.stale_s!r} (a live "
+                         f"owner refreshes its lock well before others may take it over)")
+    if isinstance(cfg.get("out_dir"), str):
+        check_out_dir(cfg.out_dir)

@@ -8,7 +8,6 @@ import logging
 import os
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -84,10 +83,8 @@ def test_bad_input_is_one_line_error_before_the_model_loads(overrides, message, 
     (tmp_path / "truncated.json").write_text('{"kind": "depth", "remove": [1, 2')
     (tmp_path / "list.json").write_text("[1, 2]")
     cfg = cfg_for("method=depth_ppl", *tiny_unless_named([o.format(tmp=tmp_path) for o in overrides]))
-    t0 = time.perf_counter()
-    with pytest.raises(BenchError) as err:
+    with pytest.raises(BenchError) as err:  # before the model loads: no_model fails the test otherwise
         run_cell(cfg)
-    assert time.perf_counter() - t0 < 5
     text = str(err.value)
     assert "\n" not in text and text.startswith(message.format(tmp=tmp_path)), text
     assert not (tmp_path / "results").exists()  # nothing written: no cell directory

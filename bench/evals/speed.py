@@ -19,7 +19,11 @@ events around `generate` plus a synchronize on a GPU, perf_counter on the CPU.
 Several models are measured *interleaved*: each round runs every model once, the order reversed every other
 round (A B, B A, ...), so the drift of a shared machine (about 10% here) falls on all of them alike; a speedup is
 the mean of per-round ratios, with their spread. Running out of memory is recorded (status oom) and skips the
-larger batches at that length.
+larger batches at that length. Before a point runs, each model's peak above its weights is predicted
+(bench.memory.speed_point_bytes) and compared with the free memory (bench.memory.free_bytes: MemAvailable on the
+CPU, the CUDA free memory on a GPU); a model predicted not to fit is not run there but recorded (status
+skipped_memory, predicted_bytes, free_bytes), as is the dense reference of a point whose pruned model is skipped,
+and the stage goes on (without this, eval.speed.batch_sizes=[100000] grew until the kernel killed the process).
 
 Runtimes: `eager` (plain generate with the dynamic KV cache, what the paper measured) and `compiled` (static KV
 cache with torch.compile; CUDA graphs through mode reduce-overhead on a GPU).
@@ -40,6 +44,7 @@ from typing import Callable
 import torch
 from omegaconf import OmegaConf
 
+from bench import memory
 from bench.memory import hwm_bytes, reset_peaks, rss_bytes, weight_bytes
 from bench.progress import bar
 from bench.records import Progress
@@ -243,16 +248,59 @@ def prior_latencies(rows: list[dict]) -> dict:
             if r["metric"] == "latency_s" and r.get("status") == "ok"}
 
 
+def _parked_room(alive: dict, label: str, device: torch.device) -> int:
+    """Bytes the accelerator gains when `label` takes its turn with the others parked in host memory
+    (speed.reference=cpu, `on_device`): the others' weights there now, less its own when it is not there yet."""
+    on = {k for k, m in alive.items() if next(m.parameters()).device == device}
+    return sum(weight_bytes(m) for k, m in alive.items() if k != label and k in on) \
+        - (0 if label in on else weight_bytes(alive[label]))
+
+
+def memory_skips(alive: dict, device: torch.device, batch: int, prompt_tokens: int, new_tokens: int,
+                 reference: str | None = None, park: bool = False) -> dict[str, dict]:
+    """{label: skip fields} of the models not to run at this point: those whose predicted peak above the weights
+    (bench.memory.speed_point_bytes) exceeds the free memory (bench.memory.free_bytes, plus what parking the others
+    frees), and the reference when every model it is the reference of is skipped (a speedup needs both). Empty
+    where the free memory cannot be read; a model without a prediction (no LLaMA-style decoder) is never skipped."""
+    free_now = memory.free_bytes(device)
+    if free_now is None:
+        return {}
+    skips, checked = {}, {}
+    for label, model in alive.items():
+        free = free_now + (_parked_room(alive, label, device) if park else 0)
+        predicted = memory.speed_point_bytes(model, batch, prompt_tokens, new_tokens)
+        checked[label] = {"predicted_bytes": predicted, "free_bytes": free}
+        if predicted is not None and predicted > free:
+            skips[label] = checked[label] | {"error": f"predicted {predicted / MIB:.0f} MiB above the weights, "
+                                                      f"{free / MIB:.0f} MiB free"}
+    others = [k for k in alive if k != reference]
+    if reference in alive and reference not in skips and others and all(k in skips for k in others):
+        skips[reference] = checked[reference] | {"error": f"reference of skipped models ({', '.join(others)})"}
+    return skips
+
+
 def _measure_point(alive: dict, ids, batch: int, new_tokens: int, runtime: str, scfg, reference,
                    prior: list[float] | None = None, park: bool = False) -> list[dict]:
-    device, x = ids.device, ids.repeat(batch, 1)
+    device = ids.device
     point = {"batch_size": batch, "new_tokens": new_tokens, "prompt_tokens": ids.shape[1], "runtime": runtime}
-    lat = {k: [] for k in alive}
-    pre = {k: [] for k in alive}
-    mem = {k: 0 for k in alive}
+    skips = memory_skips(alive, device, batch, ids.shape[1], new_tokens, reference, park)
+    if skips:
+        log.warning("batch %d, %d new tokens, %s: skipped %s", batch, new_tokens, runtime,
+                    "; ".join(f"{label} ({fields['error']})" for label, fields in skips.items()))
+    rows = []
+    for label, fields in skips.items():
+        rows.append({"model_label": label} | point | {"metric": "latency_s", "value": None, "stderr": None, "n": 0,
+                                                     "status": "skipped_memory"} | fields)
+    run = {k: m for k, m in alive.items() if k not in skips}
+    if not run:
+        return rows
+    x = ids.repeat(batch, 1)
+    lat = {k: [] for k in run}
+    pre = {k: [] for k in run}
+    mem = {k: 0 for k in run}
     failed = {}
     warm_tokens = warmup_tokens(runtime, device, new_tokens, scfg)
-    for label in list(alive):
+    for label in list(run):
         try:
             model = on_device(alive, label, device, park)
             for _ in range(int(scfg.warmup)):
@@ -265,7 +313,7 @@ def _measure_point(alive: dict, ids, batch: int, new_tokens: int, runtime: str, 
     _release(device)  # once per point: a gc pass costs ~0.2 s, as much as a tiny model's whole run
     t0, rounds = time.perf_counter(), 0
     while rounds < int(scfg.repeats) or time.perf_counter() - t0 < float(scfg.min_time_s):
-        order = [k for k in alive if k not in failed]
+        order = [k for k in run if k not in failed]
         if not order:
             break
         for label in order if rounds % 2 == 0 else order[::-1]:
@@ -280,8 +328,7 @@ def _measure_point(alive: dict, ids, batch: int, new_tokens: int, runtime: str, 
                     raise
                 failed[label] = exc
         rounds += 1
-    rows = []
-    for label, model in list(alive.items()):
+    for label, model in run.items():
         base = {"model_label": label} | point
         if label in failed:
             log.warning("%s: out of memory at batch %d, %d new tokens: larger batches skipped", label, batch,

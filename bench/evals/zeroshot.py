@@ -12,7 +12,8 @@ The paper's metric per task (../shared/docs/methods.md section 2.2): boolq acc, 
 winogrande acc, arc_easy acc, arc_challenge acc_norm, openbookqa acc_norm; both metrics are recorded. Each task
 is one `simple_evaluate` call and one resumable unit of the cell (bench.records.Progress): a full pass of the
 seven is hours on a CPU, and a killed run redoes only the task it was in, and of that task only the requests it
-had not answered (lm-eval's request cache, `use_cache`, in the unit's checkpoint folder). After such a resume the
+had not answered (lm-eval's request cache, `use_cache`, in the unit's checkpoint folder; each answer stored with a
+CRC-32, and a damaged cache is removed with one warning line and asked again). After such a resume the
 task's `elapsed_s` is the resumed call's wall time. Each task's per-document results (correct under acc and
 acc_norm, the choices' loglikelihoods) go to the cell's `examples/zeroshot_<task>.jsonl.gz` (bench.stats pairs
 them across methods).
@@ -23,12 +24,15 @@ them across methods).
 from __future__ import annotations
 
 import bz2
+import contextlib
 import csv
 import functools
 import json
 import logging
+import pickle
 import re
 import time
+import zlib
 from pathlib import Path
 
 from bench import BenchError
@@ -187,7 +191,9 @@ def task_rows(lm, task: str, name: str, manager, zcfg, seed: int, source: str,
     """One task through lm-eval's `simple_evaluate`, 0-shot: a row per metric (acc, acc_norm) with its stderr.
 
     With a `checkpoints` folder, lm-eval stores each answered request there as it goes (sqlite, about 0.5 ms a
-    request) and answers stored ones from it, so a killed pass resumes where it stopped. With an `examples` folder
+    request, each with a CRC-32: `checked_request_cache`) and answers stored ones from it, so a killed pass resumes
+    where it stopped; a damaged cache there (not sqlite, a failed integrity check, an entry failing its CRC-32) is
+    removed first with one warning line (`drop_damaged_caches`) and its requests asked again. With an `examples` folder
     (the cell's `examples/`), the task's per-document results go to `zeroshot_<task>.jsonl.gz` there
     (`_examples`), before the unit's rows are stored, so a reused unit has its file; the rows name it.
     """
@@ -198,6 +204,9 @@ def task_rows(lm, task: str, name: str, manager, zcfg, seed: int, source: str,
 
     t0 = time.perf_counter()
     task_obj = manager.load([name])["tasks"][name]  # built here to turn the logged samples into documents' rows
+    if checkpoints:
+        drop_damaged_caches(checkpoints, task)
+        checked_request_cache(lm)
     try:
         out = simple_evaluate(model=lm, tasks=[task_obj], num_fewshot=0, limit=zcfg.get("limit"),
                               task_manager=manager, log_samples=True, random_seed=seed, numpy_random_seed=seed,
@@ -225,6 +234,78 @@ def task_rows(lm, task: str, name: str, manager, zcfg, seed: int, source: str,
                     | extra)
     log.info("%s: %s %.4f (n=%d, %.0f s)", task, PAPER_METRIC[task], res[f"{PAPER_METRIC[task]},none"], n, elapsed)
     return rows
+
+
+REQUEST_TABLE = "unnamed"  # the table sqlitedict (lm-eval's CachingLM) keeps its entries in
+
+
+def _encode(value) -> bytes:
+    """A request cache entry: lm-eval's pickle followed by its CRC-32 (4 bytes, big-endian)."""
+    import sqlite3
+
+    data = pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+    return sqlite3.Binary(data + zlib.crc32(data).to_bytes(4, "big"))
+
+
+def _decode(blob) -> object:
+    """The value of an `_encode`d entry; ValueError where its CRC-32 does not match (garbled, or an entry
+    without one)."""
+    data = bytes(blob)
+    if len(data) < 5 or zlib.crc32(data[:-4]).to_bytes(4, "big") != data[-4:]:
+        raise ValueError("an entry fails its CRC-32")
+    return pickle.loads(data[:-4])
+
+
+def checked_request_cache(lm) -> None:
+    """Make the request cache lm-eval opens for `lm` (use_cache: sqlitedict, one sqlite file per rank) store each
+    answer with a CRC-32 and check it when read. sqlite keeps no checksum of its own, so a flipped bit inside a
+    stored log-likelihood would otherwise be read back as a plausible number. lm-eval hands its cache to the model
+    through `set_cache_hook`, so the codec goes on there, before the first request is looked up."""
+    if getattr(lm, "_checked_cache", False):
+        return
+    setter = lm.set_cache_hook
+
+    def set_cache_hook(hook):
+        if getattr(hook, "dbdict", None) is not None:
+            hook.dbdict.encode, hook.dbdict.decode = _encode, _decode
+        setter(hook)
+
+    lm.set_cache_hook, lm._checked_cache = set_cache_hook, True
+
+
+def request_cache_problem(db: Path) -> str | None:
+    """None if an lm-eval request cache file opens as sqlite, passes sqlite's integrity check and every entry
+    passes its CRC-32 (`_decode`); else what is wrong. A journal left by a kill is rolled back by the open."""
+    import sqlite3
+
+    try:
+        with contextlib.closing(sqlite3.connect(db)) as con:
+            check = con.execute("PRAGMA integrity_check").fetchall()
+            if check != [("ok",)]:
+                return f"sqlite integrity check: {check[0][0]}"
+            if not con.execute("SELECT 1 FROM sqlite_master WHERE name = ?", (REQUEST_TABLE,)).fetchall():
+                return None  # killed before sqlitedict made its table: nothing stored
+            for key, value in con.execute(f'SELECT key, value FROM "{REQUEST_TABLE}"'):
+                try:
+                    _decode(value)
+                except ValueError:
+                    return f"entry {key[:16]} fails its CRC-32 (garbled, or written without one)"
+    except sqlite3.DatabaseError as e:
+        return f"not a readable sqlite database ({e})"
+    return None
+
+
+def drop_damaged_caches(folder: Path, task: str) -> None:
+    """Before a unit resumes: remove each damaged request cache in its checkpoint folder, with one warning line
+    naming the file and what is wrong, so the task's requests are asked again instead of read from it."""
+    for db in sorted(folder.glob("requests_rank*.db")):
+        problem = request_cache_problem(db)
+        if problem is None:
+            continue
+        log.warning("%s: damaged lm-eval request cache (%s): removed, %s's requests are asked again", db, problem,
+                    task)
+        for path in (db, *(db.with_name(db.name + s) for s in ("-journal", "-wal", "-shm"))):
+            path.unlink(missing_ok=True)
 
 
 def _examples(task_obj, sample: dict) -> dict:

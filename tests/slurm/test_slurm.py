@@ -1,5 +1,5 @@
-"""Sweeps on a real SLURM controller: one array, the tasks' environment, failures, scancel, the time limit and the
-resubmission, and array_parallelism, on tiny-llama with the quick perplexity evaluation.
+"""Sweeps on a real SLURM controller: one array, the tasks' environment, failures, scancel, the time limit, the
+requeue at the time limit, the resubmission, and array_parallelism, on tiny-llama with the quick perplexity evaluation.
 
     make test-slurm        # tests/slurm/up.sh: installs slurm-wlm and munge if missing, starts a one-node cluster,
                            # runs this module against it, stops the cluster
@@ -37,12 +37,13 @@ LONG = ["model=tiny-llama", "eval.stages=[ppl,speed]", "eval.ppl.max_windows=1",
 TIMEOUT_S = 600  # a wedged cluster fails a test, not CI's 90 minutes
 
 
-def slurm_cmd(args: list[str], tmp_path: Path, data_root: Path) -> tuple[list[str], dict]:
+def slurm_cmd(args: list[str], tmp_path: Path, data_root: Path, setup: list[str] = ()) -> tuple[list[str], dict]:
     """`python -m bench -m hydra/launcher=slurm ...` as a user submits it. BENCH_DATA and BENCH_CACHE reach the
     tasks only through the launcher's setup lines (the submitting process has neither), after activating this
-    virtual environment as a cluster's setup would; each task appends its array ids and VIRTUAL_ENV to setup.log."""
+    virtual environment as a cluster's setup would; each task appends its array ids and VIRTUAL_ENV to setup.log.
+    `setup`: more lines, run after those (no `${`: Hydra would read it as an interpolation)."""
     setup = [f"export BENCH_DATA={data_root}", f"export BENCH_CACHE={tmp_path / 'cache'}",
-             f'echo "$SLURM_ARRAY_JOB_ID $SLURM_ARRAY_TASK_ID $VIRTUAL_ENV" >> {tmp_path / "setup.log"}']
+             f'echo "$SLURM_ARRAY_JOB_ID $SLURM_ARRAY_TASK_ID $VIRTUAL_ENV" >> {tmp_path / "setup.log"}', *setup]
     if (Path(sys.prefix) / "bin" / "activate").exists():
         setup.insert(0, f"source {Path(sys.prefix) / 'bin' / 'activate'}")
     lines = ",".join(f"'{line}'" for line in setup)
@@ -240,3 +241,48 @@ def test_task_at_its_time_limit_leaves_error_json(tmp_path, data_root, submit):
     done = units(cell)  # the perplexity units finished before the signal (both, unless the machine is slow)
     assert done == PPL_UNITS[:len(done)], done
     assert "sweep: 1 jobs: 0 cells run, 0 skipped (already done), 1 failed" in log
+
+
+def test_task_at_its_time_limit_is_requeued_and_resumes_its_cell(tmp_path, data_root, submit):
+    """max_num_timeout=1, a two-minute time limit and SIGUSR2 35 s before it (55 to 85 s after the task starts:
+    SLURM looks every 30 s): at the signal submitit requeues the task (scontrol requeue, then exit) instead of
+    ending the cell. The first run leaves partial.jsonl with its finished units and no error.json; SLURM holds the
+    task (PENDING, BeginTime: cred_expire + 1 s, slurm.conf.in) and starts it again under the same job id with
+    SLURM_RESTART_COUNT=1; that run finishes the cell, reusing the first run's units and saying how many in its
+    log. The cell needs both runs: min_time_s reads BENCH_TEST_SPEED_S, which a setup line sets to 0 in a restarted
+    task only (600 s in the first run), and the dense model is not measured alongside, so the second run (about
+    15 s) ends well before its own SIGUSR2."""
+    out, restarts = tmp_path / "res", tmp_path / "restarts.log"
+    speed = "eval.speed.min_time_s='${oc.decode:${oc.env:BENCH_TEST_SPEED_S,600}}'"
+    cmd, env = slurm_cmd([*LONG, speed, "eval.speed.interleave_dense=false", "method=depth_magnitude", "ratio=0.25",
+                          f"out_dir={out}", "hydra.launcher.timeout_min=2", "hydra.launcher.signal_delay_s=35",
+                          "hydra.launcher.max_num_timeout=1"], tmp_path, data_root,
+                         ['[ -z "$SLURM_RESTART_COUNT" ] || export BENCH_TEST_SPEED_S=0',
+                          f'echo "$SLURM_JOB_ID restarts=$SLURM_RESTART_COUNT" >> {restarts}'])
+    proc = submit(cmd, env, tmp_path / "slurm.log")
+    cell = out / "tiny-llama/depth_magnitude+/r0.25"
+    states, first, error_after_first = [], None, None
+    while proc.poll() is None:  # the task's states; the cell as the first run left it, while the task is held
+        state = [(s, reason) for _, s, reason in queue()]
+        if state and (not states or states[-1] != state[0]):
+            states.append(state[0])
+        if first is None and state and state[0][0] == "PENDING" and any(s == "RUNNING" for s, _ in states):
+            first, error_after_first = units(cell), (cell / "error.json").exists()
+        time.sleep(0.5)
+    log = finish(proc, tmp_path / "slurm.log")
+
+    running = ("RUNNING", "None")
+    assert running in states and ("PENDING", "BeginTime") in states[states.index(running):], states
+    assert first and first == PPL_UNITS[:len(first)] and not error_after_first, (first, error_after_first)
+    job = [line.split() for line in restarts.read_text().splitlines()]
+    assert job == [[job[0][0], "restarts="], [job[0][0], "restarts=1"]], job
+    task_log = "".join(p.read_text() for p in sorted(out.glob(".hydra/*/.submitit/*/*_log.*")))  # both runs
+    assert "Requeued job" in task_log and "(0 remaining timeouts)" in task_log, task_log[-4000:]
+    reused = f"reused {len(first)} finished units of an interrupted run ({', '.join(first)})"
+    assert reused in task_log, task_log[-4000:]
+    assert (cell / "records.jsonl").exists() and not (cell / "error.json").exists()
+    assert not (cell / "partial.jsonl").exists()
+    rows = [json.loads(line) for line in (cell / "records.jsonl").read_text().splitlines()]
+    assert [r["task"] for r in rows if r["stage"] == "ppl"] == ["wikitext2", "ptb"]
+    assert "speed" in {r["stage"] for r in rows}
+    assert "sweep: 1 jobs: 1 cells run, 0 skipped (already done), 0 failed" in log
