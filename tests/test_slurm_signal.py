@@ -42,6 +42,15 @@ def test_sigterm_ends_the_cell_only_inside_a_slurm_task(monkeypatch):
         signal.signal(signal.SIGTERM, before)
 
 
+def started_in_task(monkeypatch) -> SweepSummary:
+    """The callback after on_job_start inside SLURM task 12 (submitit's environment)."""
+    monkeypatch.setenv("SUBMITIT_EXECUTOR", "slurm")
+    monkeypatch.setenv("SLURM_JOB_ID", "12")
+    callback = SweepSummary()
+    callback.on_job_start(None, task_function=None)
+    return callback
+
+
 def test_the_time_limit_warning_gives_sigterm_back_before_submitit_requeues(monkeypatch):
     """SIGUSR2 (submitit's requeue, which has SLURM send SIGTERM at once) first gives SIGTERM back to submitit's
     handler, then runs submitit's own: a SIGTERM during the requeue is only logged, never `Terminated`."""
@@ -52,10 +61,7 @@ def test_the_time_limit_warning_gives_sigterm_back_before_submitit_requeues(monk
         signal.signal(signal.SIGUSR2, lambda signum, frame: (calls.append("requeue"),
                                                              signal.raise_signal(signal.SIGTERM)))
         stand_ins = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGUSR2)
-        monkeypatch.setenv("SUBMITIT_EXECUTOR", "slurm")
-        monkeypatch.setenv("SLURM_JOB_ID", "12")
-        callback = SweepSummary()
-        callback.on_job_start(None, task_function=None)
+        callback = started_in_task(monkeypatch)
         signal.raise_signal(signal.SIGUSR2)
         assert calls == ["requeue", "logged SIGTERM"]
         callback.on_job_end(None, None)
@@ -76,10 +82,7 @@ def test_an_exception_a_del_drops_is_raised_again(monkeypatch):
 
     try:
         signal.signal(signal.SIGTERM, lambda signum, frame: None)
-        monkeypatch.setenv("SUBMITIT_EXECUTOR", "slurm")
-        monkeypatch.setenv("SLURM_JOB_ID", "12")
-        callback = SweepSummary()
-        callback.on_job_start(None, task_function=None)
+        callback = started_in_task(monkeypatch)
         with pytest.raises(Terminated, match="SIGTERM to SLURM task 12"):
             Collected()
             deadline = time.time() + 10
@@ -96,10 +99,7 @@ def test_pickles_without_its_handlers(monkeypatch):
     before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGUSR2), sys.unraisablehook
     try:
         signal.signal(signal.SIGUSR2, lambda signum, frame: None)
-        monkeypatch.setenv("SUBMITIT_EXECUTOR", "slurm")
-        monkeypatch.setenv("SLURM_JOB_ID", "12")
-        callback = SweepSummary()
-        callback.on_job_start(None, task_function=None)
+        callback = started_in_task(monkeypatch)
         copy = pickle.loads(cloudpickle.dumps(callback))
         assert copy._sigterm is None and copy._unraisable is None
         callback.on_job_end(None, None)

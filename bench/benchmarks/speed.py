@@ -19,13 +19,13 @@ import argparse
 import copy
 import json
 import logging
-import sys
 import time
 from pathlib import Path
 
 import torch
 
 from bench import BenchError
+from bench.benchmarks import command_line
 
 log = logging.getLogger("bench.bench_speed")
 
@@ -157,8 +157,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
-    try:
-        main(sys.argv[1:])
-    except BenchError as exc:
-        sys.exit(f"error: {exc}")
+    command_line(main)

@@ -22,11 +22,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 import time
 from pathlib import Path
 
 from bench import BenchError
+from bench.benchmarks import command_line
 
 MODES = ("resident", "cpu", "reload")
 # The cell each mode runs, unless an override names the key: a data-free depth criterion, speed only.
@@ -109,9 +109,6 @@ def main(argv: list[str]) -> None:
     print(json.dumps({"out": str(out), "wall_s": round(time.perf_counter() - t0, 1),
                       "max_over_min_median": round(max(medians) / min(medians), 3)}))
 
+
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
-    try:
-        main(sys.argv[1:])
-    except BenchError as exc:
-        sys.exit(f"error: {exc}")
+    command_line(main, logging.WARNING)
