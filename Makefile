@@ -31,7 +31,7 @@ OUT ?= results/gpu-check
 # What gpu-check runs with $(GPU_PY).
 GPU_CHECK_CMD ?= -u -m bench.benchmarks.gpu_check --out $(OUT)
 
-.PHONY: setup model test test-slurm sweep sweep-extras tables plots bench-scoring bench-speed bench-speed-reference bench-zeroshot gpu-wheels gpu-check test-gpu setup-llamacpp test-llamacpp clean
+.PHONY: setup model test test-slurm sweep sweep-extras tables plots bench-scoring bench-speed bench-speed-reference bench-retrain bench-zeroshot gpu-wheels gpu-check test-gpu setup-llamacpp test-llamacpp clean
 
 # constraints.txt pins the GPU bundle's distributions to the versions it ships, so that a fresh venv (CI's) tests them.
 $(BIN)/.installed: pyproject.toml constraints.txt
@@ -93,6 +93,10 @@ bench-speed: model
 # One depth-pruned cell's speedup against dense under each speed reference (resident, cpu, reload) on this CPU:
 # per mode and batch the per-round speedups' median, mean, spread and each median over resident's (per mode and
 # batch: 10 rounds of dense and pruned, each a 1-token and a 32-token generate, plus a warm-up).
+# tokens/s and peak host RSS of lora, kd and cpt on smollm2-135m at 20% (fp32, and kd / cpt with bf16 autocast)
+bench-retrain: model
+	$(BIN)/python -m bench.benchmarks.retrain --tokens 4096
+
 bench-speed-reference: model
 	$(BIN)/python -m bench.benchmarks.speed_reference --out results/bench-speed-reference \
 		model=smollm2-135m method=depth_magnitude ratio=0.2 eval.speed.batch_sizes=[1,4] eval.speed.new_tokens=[32] \

@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from bench import BenchError
 
 CONF_DIR = Path(__file__).resolve().parent / "conf"  # inside the package: a wheel carries the configs
-GROUPS = ("model", "method", "eval")
+GROUPS = ("model", "method", "eval", "retrain")
 
 
 def launcher_id() -> str:

@@ -361,8 +361,10 @@ def cell_model(cell: Path):
 
         tokenizer = AutoTokenizer.from_pretrained(saved) if (saved / "tokenizer_config.json").is_file() else None
         return load_pruned(saved), tokenizer, cfg
-    if cfg.get("retrain", "none") != "none":
-        raise BenchError(f"{cell}: retrain={cfg.retrain}: the merged weights are only in model/ (rerun the cell "
+    regime = cfg.get("retrain", "none")  # a config group since kd / cpt (older cells: the name itself)
+    regime = regime.get("name", "none") if hasattr(regime, "get") else regime
+    if regime != "none":
+        raise BenchError(f"{cell}: retrain={regime}: the retrained weights are only in model/ (rerun the cell "
                          f"with save_model=true)")
     if not (cell / "plan.json").is_file():
         raise BenchError(f"{cell}: neither model/ nor plan.json")

@@ -290,6 +290,50 @@ def predict(shape: Shape, method: str = "depth_taylor", ratio: float = 0.2, dtyp
     return {stage: parts | {"total": sum(parts.values())} for stage, parts in out.items()}
 
 
+def predict_retrain(shape: Shape, regime: str = "kd", ratio: float = 0.2, gpus: int = 1, params: str = "full",
+                    micro_batch: int = 1, seq_len: int = 4096, dtype_bytes: int = 2, lora_r: int = 8,
+                    shard: bool = True) -> dict[str, float]:
+    """Predicted peak bytes per GPU of token-budget retraining (bench/distill.py) of the model pruned at `ratio`,
+    on `gpus` GPUs with FSDP full sharding (`shard`) or DDP (every rank a full copy), bf16 compute:
+        states       full: 16 bytes a student parameter (fp32 master weights, fp32 gradients, AdamW's two fp32
+                     moments), sharded over the GPUs; lora: the frozen bf16 student (sharded) + 16 bytes an
+                     adapter parameter (r x (in + out) on q, k, v, o, gate, up, down)
+        teacher      the unpruned model in bf16, sharded likewise (kept for cpt too: its held-out KL)
+        gathered     FSDP: two blocks' bf16 weights gathered at a time (the one computing, the one prefetched)
+        activations  what autograd keeps for the student's backward over micro_batch x seq_len tokens
+        logits       the student's and (kd) the teacher's logits in bf16 + fp32 log-softmax, for the KL
+    """
+    pruned_blocks = round((1 - ratio) * shape.layers)
+    block = (shape.params - shape.vocab * shape.hidden * (1 if shape.tied else 2) - shape.hidden) / shape.layers
+    student = shape.params - (shape.layers - pruned_blocks) * block
+    n = gpus if shard else 1
+    tokens = micro_batch * seq_len
+    kv_dim = shape.kv_heads * shape.head_dim
+    saved = tokens * (6 * shape.hidden + 2 * kv_dim + 4 * shape.intermediate) * dtype_bytes + tokens * 2 * shape.hidden * 4
+    if params == "full":
+        states = 16 * student / n
+    else:
+        adapters = pruned_blocks * lora_r * (4 * shape.hidden + 2 * (shape.hidden + kv_dim) + 3 *
+                                             (shape.hidden + shape.intermediate))
+        states = dtype_bytes * student / n + 16 * adapters
+    out = {"states": states, "teacher": dtype_bytes * shape.params / n,
+           "gathered": 2 * block * dtype_bytes if shard and gpus > 1 else 0.0,
+           "activations": pruned_blocks * saved,
+           "logits": (2 if regime == "kd" else 1) * tokens * shape.vocab * (dtype_bytes + 2 * 4)}
+    return out | {"total": sum(out.values())}
+
+
+def retrain_table(shape: Shape, ratio: float, params: str, micro_batch: int, seq_len: int) -> str:
+    """Per-GPU peaks of kd and cpt on 1, 2, 4 and 8 GPUs (FSDP full shard), GiB."""
+    lines = ["| regime | params | " + " | ".join(f"{g} GPU{'s' if g > 1 else ''}" for g in (1, 2, 4, 8)) + " |",
+             "|---|---|" + "---|" * 4]
+    for regime in ("kd", "cpt"):
+        cells = [predict_retrain(shape, regime, ratio, g, params, micro_batch, seq_len)["total"] / 2**30
+                 for g in (1, 2, 4, 8)]
+        lines.append(f"| {regime} | {params} | " + " | ".join(f"{c:.1f}" for c in cells) + " |")
+    return "\n".join(lines)
+
+
 SAMPLING_BYTES = 40  # per batch row x vocab entry: generate's fp32 copy of the last logits, top-k's mask and masked
 # copy, top-p's sorted values (fp32) + int64 indices + softmax + cumsum + masks, the final softmax (as
 # bench.evals.speed samples: top_k 50, top_p 0.95)
@@ -383,6 +427,11 @@ def _main(argv: list[str]) -> None:
     print(table(pred))
     peak = max(v["total"] for v in pred.values())
     print(f"predicted peak: {peak / 2**30:.2f} GiB ({max(pred, key=lambda s: pred[s]['total'])})")
+    rc = cfg.retrain
+    if rc.name in ("kd", "cpt"):
+        print(f"retraining per GPU, predicted for FSDP full sharding (bench.distill runs DDP today), bf16; "
+              f"micro-batch {rc.micro_batch} x {rc.seq_len} tokens, {rc.params} parameters, GiB:")
+        print(retrain_table(shape, float(cfg.ratio), rc.params, int(rc.micro_batch), int(rc.seq_len)))
 
 
 if __name__ == "__main__":

@@ -27,11 +27,19 @@ log = logging.getLogger("bench.records")
 EXAMPLES = "examples"  # per-document / per-window values of a unit (gzipped JSONL), for paired bootstrap statistics
 
 
+def is_writer() -> bool:
+    """Whether this process writes files: a single process, or rank 0 of a torchrun / accelerate launch (RANK):
+    every other rank computes the same deterministic stages and helps retrain, and writes nothing."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def write_atomic(path: Path, data: str | bytes) -> None:
     """Write `data` to `path` through a temporary file in the same folder, fsynced, then renamed into place: a
     reader sees the old file or the whole new one, never part of it. A failed write (ENOSPC on a full disk, EDQUOT,
     EIO, a read-only mount) removes the temporary file and raises an OSError naming `path` itself, so the error
-    line says which file could not be written."""
+    line says which file could not be written. On a rank other than 0 it writes nothing (`is_writer`)."""
+    if not is_writer():
+        return
     path = Path(path)
     tmp = None
     try:

@@ -50,7 +50,7 @@ from bench.progress import bar
 
 log = logging.getLogger("bench.retrain")
 
-RETRAIN = ("none", "lora")
+RETRAIN = ("none", "lora", "kd", "cpt")
 LOCAL_ALPACA = "alpaca/alpaca_cleaned_first5000.json"
 PROMPT_INPUT = ("Below is an instruction that describes a task, paired with an input that provides further context. "
                 "Write a response that appropriately completes the request.\n\n"
@@ -218,6 +218,10 @@ def lora_retrain(model, tokenizer, cfg) -> tuple[torch.nn.Module, dict]:
         steps_per_epoch = math.ceil(len(train) / batch)
         epoch_steps = int(lc.epochs * steps_per_epoch)
     steps = int(lc.max_steps) if lc.get("max_steps") else epoch_steps
+    budget = int(cfg.retrain.get("tokens") or 0)  # a token budget: stop once that many label tokens were trained on
+    if budget:  # the schedule's length from the mean label tokens of a global batch; the loop stops at the budget
+        per_record = sum(sum(1 for x in e["labels"][1:] if x != -100) for e in train) / max(len(train), 1)
+        steps = max(math.ceil(budget / max(per_record * batch, 1)), 1)
     eval_steps, save_steps = int(lc.eval_steps or 0), int(lc.get("save_steps") or 0)
     if native and eval_steps and save_steps % eval_steps:
         raise BenchError(f"lora.save_steps={save_steps}: under protocol=native it must be a multiple of "
@@ -232,7 +236,8 @@ def lora_retrain(model, tokenizer, cfg) -> tuple[torch.nn.Module, dict]:
     torch.manual_seed(int(cfg.seed))
     t0, losses, val_losses, best = time.perf_counter(), [], [], None
     epoch_order, stream = [], native_stream(len(train), lc.micro_batch, rng) if native else None
-    for step in bar(range(steps), desc="lora", unit="step"):
+    tokens_seen = 0
+    for step in bar(range(4 * steps if budget else steps), desc="lora", unit="step", total=steps):
         if native:
             micro = [[train[i] for i in next(stream)] for _ in range(lc.grad_accum)]
         else:
@@ -242,7 +247,9 @@ def lora_retrain(model, tokenizer, cfg) -> tuple[torch.nn.Module, dict]:
                 epoch_order += shuffled
             idx, epoch_order = epoch_order[:batch], epoch_order[batch:]
             micro = [[train[i] for i in idx[j:j + lc.micro_batch]] for j in range(0, batch, lc.micro_batch)]
-        loss = accumulate(peft_model, [_batch(m, pad_id, peft_model.device) for m in micro], native, scaler)
+        batches = [_batch(m, pad_id, peft_model.device) for m in micro]
+        tokens_seen += sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
+        loss = accumulate(peft_model, batches, native, scaler)
         if native:
             if scaler:
                 scaler.unscale_(opt)
@@ -255,7 +262,8 @@ def lora_retrain(model, tokenizer, cfg) -> tuple[torch.nn.Module, dict]:
         sched.step()
         opt.zero_grad(set_to_none=True)
         losses.append(loss)
-        done, last = step + 1, step + 1 == steps
+        done = step + 1
+        last = tokens_seen >= budget if budget else done == steps
         evaluate = bool(val and eval_steps) and (done % eval_steps == 0 or (last and not native))
         if evaluate:
             v = _val_loss(peft_model, val, NATIVE_RULES["eval_batch"] if native else lc.micro_batch, pad_id,
@@ -268,6 +276,9 @@ def lora_retrain(model, tokenizer, cfg) -> tuple[torch.nn.Module, dict]:
             log.info("lora step %d/%d: train %.4f, val %.4f", done, steps, losses[-1], v)
         elif done % 10 == 0 or last:
             log.info("lora step %d/%d: train %.4f", done, steps, losses[-1])
+        if last:
+            break
+    steps = done  # the steps taken (a token budget ends the run where it is reached)
     if best is not None and best[1] != steps:
         peft_model.load_state_dict(best[2], strict=False)
     merged = peft_model.merge_and_unload()
@@ -280,14 +291,21 @@ def lora_retrain(model, tokenizer, cfg) -> tuple[torch.nn.Module, dict]:
                "departures": list(NATIVE_DEPARTURES) if native else [], "data_source": source,
                "train_records": len(train), "val_records": len(val), "steps": steps, "global_batch": batch,
                "train_loss": losses, "val_loss": val_losses, "selected_step": best[1] if best else steps,
-               "train_s": time.perf_counter() - t0}
+               "tokens": budget or None, "tokens_trained": tokens_seen, "train_s": time.perf_counter() - t0}
     return merged, summary
 
 
-def retrain(model, tokenizer, cfg) -> tuple[torch.nn.Module, dict | None]:
-    """The `retrain` stage: none (one-shot) or lora."""
-    if cfg.retrain not in RETRAIN:
-        raise BenchError(f"retrain={cfg.retrain!r}: allowed values are {', '.join(RETRAIN)}")
-    if cfg.retrain == "none":
+def retrain(model, tokenizer, cfg, teacher=None, plan=None, out=None) -> tuple[torch.nn.Module, dict | None]:
+    """The `retrain` stage (conf/retrain/): none (one-shot), lora (Alpaca, this module), or kd / cpt (general text
+    for a token budget, bench/distill.py: `teacher` is the unpruned model, `plan` maps the student's layers to its
+    own, `out` holds the resumable checkpoint)."""
+    name = cfg.retrain.name
+    if name not in RETRAIN:
+        raise BenchError(f"retrain={name!r}: allowed values are {', '.join(RETRAIN)}")
+    if name == "none":
         return model, None
-    return lora_retrain(model, tokenizer, cfg)
+    if name == "lora":
+        return lora_retrain(model, tokenizer, cfg)
+    from bench.distill import train_tokens
+
+    return train_tokens(model, tokenizer, cfg, teacher=teacher, plan=plan, out=out)

@@ -31,6 +31,7 @@ Writes to <out_dir>/<model>/<method>/r<ratio>/ (dense: r0):
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import io
@@ -61,7 +62,8 @@ from bench.methods import build_method
 from bench.methods.base import CalibSpec
 from bench.plans import Plan
 from bench.models import DTYPES, count_params, load_model, resolve_device, weight_sums
-from bench.records import (ERROR, PARTIAL, RECORDS, Progress, fingerprint, write_atomic, write_json,
+from bench.distill import CHECKPOINT, agree
+from bench.records import (ERROR, PARTIAL, RECORDS, Progress, fingerprint, is_writer, write_atomic, write_json,
                            write_records)
 from bench.retrain import RETRAIN, retrain
 from bench.surgery import save_pruned
@@ -348,18 +350,21 @@ def cell(cfg):
                          f"method")
     if cfg.get("plan_file"):  # validate() checked it is a JSON object with a kind
         check_plan_kind(cfg.plan_file, json.loads(Path(cfg.plan_file).expanduser().read_text()), method)
-    if cfg.retrain not in RETRAIN:
-        raise BenchError(f"retrain={cfg.retrain!r}: allowed values are {', '.join(RETRAIN)}")
-    if cfg.get("shape_only") and cfg.retrain != "none":
-        raise BenchError("retrain=lora needs real weights, but shape_only=true builds random ones; allowed values "
-                         "with shape_only are none")
+    if cfg.retrain.name not in RETRAIN:
+        raise BenchError(f"retrain={cfg.retrain.name!r}: allowed values are {', '.join(RETRAIN)}")
+    if cfg.get("shape_only") and cfg.retrain.name != "none":
+        raise BenchError(f"retrain={cfg.retrain.name} needs real weights, but shape_only=true builds random ones; "
+                         f"allowed values with shape_only are none")
+    if cfg.retrain.name == "kd" and not method.prunes:
+        raise BenchError(f"retrain=kd distills the pruned model from the unpruned one, but method={method.label} "
+                         f"prunes nothing; allowed: a depth or width method, or retrain=cpt")
     ratio = float(cfg.ratio) if method.prunes else 0.0
     return method, ratio, cell_dir(cfg, row_label(cfg, method), ratio)
 
 
 def row_label(cfg, method) -> str:
     """The method's row label, with a suffix for retrained models (depth_ppl+ -> depth_ppl++lora)."""
-    return method.label + ("" if cfg.retrain == "none" else f"+{cfg.retrain}")
+    return method.label + ("" if cfg.retrain.name == "none" else f"+{cfg.retrain.name}")
 
 
 class CellBusy(Exception):
@@ -385,17 +390,20 @@ def compute_cell(cfg) -> tuple[Path, str]:
     lk = cfg.get("lock") or {}
     if (out / RECORDS).exists():
         log.info("%s: done, skipping", out)
-        if CellLock(out, lk.get("stale_s", 600)).abandoned():  # a kill between its records and its cleanup
+        if is_writer() and CellLock(out, lk.get("stale_s", 600)).abandoned():  # killed between records and cleanup
             Progress(out / PARTIAL).finish()
         return out, "skipped"
-    with CellLock(out, lk.get("stale_s", 600), lk.get("refresh_s", 30)) as lock:
-        if lock.busy is not None and lk.get("on_busy", "skip") == "wait":
+    # under torchrun rank 0 alone takes the lock, and every rank follows its decision
+    lock = CellLock(out, lk.get("stale_s", 600), lk.get("refresh_s", 30)) if is_writer() else None
+    with lock or contextlib.nullcontext():
+        if lock is not None and lock.busy is not None and lk.get("on_busy", "skip") == "wait":
             log.info("cell %s is being computed by %s: waiting", out, lock.busy.describe())
             lock.wait_for(poll_s=min(5.0, float(lk.get("refresh_s", 30))))
-        if lock.busy is not None:
-            log.info("cell %s is being computed by %s: skipped", out, lock.busy.describe())
-            raise CellBusy(f"cell {out} is being computed by {lock.busy.describe()}")
-        if (out / RECORDS).exists():  # finished by the process that held the lock
+        busy = agree(lock.busy.describe() if lock is not None and lock.busy is not None else None)
+        if busy is not None:
+            log.info("cell %s is being computed by %s: skipped", out, busy)
+            raise CellBusy(f"cell {out} is being computed by {busy}")
+        if agree((out / RECORDS).exists()):  # finished by the process that held the lock
             log.info("%s: done by another process, skipping", out)
             return out, "skipped"
         partial: list[dict] = []
@@ -422,7 +430,7 @@ def _run(cfg, method, ratio: float, out: Path, rows: list[dict], mem: list[dict]
     torch.manual_seed(int(cfg.seed))
     t_cell = time.perf_counter()
     device = resolve_device(cfg.device)
-    retrains = cfg.retrain != "none"
+    retrains = cfg.retrain.name != "none"
     with StagePeak(device) as peak:
         base, tokenizer = base_model(cfg)
         # the cell's own copy on the device (the shared base is never changed): one copy of the weights there
@@ -448,10 +456,16 @@ def _run(cfg, method, ratio: float, out: Path, rows: list[dict], mem: list[dict]
     if retrains:
         t0 = time.perf_counter()
         with StagePeak(device) as peak:
-            model, summary = retrain(model, tokenizer, cfg)
+            teacher = None if cfg.retrain.name not in ("kd", "cpt") else (
+                base if next(base.parameters()).device == device else device_copy(base, device))
+            model, summary = retrain(model, tokenizer, cfg, teacher=teacher, plan=plan, out=out)
+            del teacher
         mem += peak.rows("retrain")
         timing["retrain_s"] = time.perf_counter() - t0
         write_json(out / "retrain.json", summary)
+        if not is_writer():  # torchrun: the other ranks helped retrain; rank 0 alone evaluates and writes
+            log.info("rank %s: retraining done; rank 0 evaluates and writes the cell", os.environ.get("RANK"))
+            return
     params = count_params(model)
     write_json(out / "plan.json", plan.to_json())
     log.info("%s: %d -> %d params", method.label, dense_params, params)
@@ -469,7 +483,8 @@ def _run(cfg, method, ratio: float, out: Path, rows: list[dict], mem: list[dict]
         log.info("%s: saved the pruned model to %s in %.1f s", method.label, out / "model", time.perf_counter() - t0)
 
     ident = {"model": cfg.model.name, "method": row_label(cfg, method), "kind": plan.kind, "ratio": ratio,
-             "retrain": cfg.retrain, "params": params,
+             "retrain": cfg.retrain.name, "retrain_tokens": summary.get("tokens_trained") if retrains else None,
+             "params": params,
              "dense_params": dense_params, "mode": "shape_only" if cfg.get("shape_only") else "weights"}
     if budget:
         ident |= achieved(budget, params) | {"target_params": plan.target_params,
@@ -505,4 +520,5 @@ def _run(cfg, method, ratio: float, out: Path, rows: list[dict], mem: list[dict]
                  ", ".join(progress.reused))
     write_records(out / RECORDS, rows + [ident | row | prov for row in mem])
     progress.finish()
+    (out / CHECKPOINT).unlink(missing_ok=True)  # the retraining's last checkpoint: the cell is done
     log.info("%s: %d records in %.1f s", out, len(rows), time.perf_counter() - t_cell)

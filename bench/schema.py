@@ -102,7 +102,24 @@ SCHEMA: dict[str, Rule] = {
     "reuse_base": Rule(bool),
     "shape_only": Rule(bool),
     "save_model": Rule(bool, also=("gguf",)),
-    "retrain": Rule(choices=RETRAIN),
+    "retrain.name": Rule(choices=RETRAIN),
+    "retrain.tokens": positive(null=True),
+    "retrain.params": Rule(choices=("full", "lora")),
+    "retrain.seq_len": positive(),
+    "retrain.micro_batch": positive(),
+    "retrain.grad_accum": positive(),
+    "retrain.lr": Rule(float, gt=0),
+    "retrain.min_lr": Rule(float, ge=0),
+    "retrain.warmup_frac": Rule(float, ge=0, le=1),
+    "retrain.weight_decay": Rule(float, ge=0),
+    "retrain.max_grad_norm": Rule(float, gt=0),
+    "retrain.val_books": positive(),
+    "retrain.val_sequences": positive(),
+    "retrain.evals": positive(),
+    "retrain.checkpoint_s": Rule(float, ge=0),
+    "retrain.autocast": Rule(choices=("auto", "bf16", "none")),
+    "retrain.kd.temperature": Rule(float, gt=0),
+    "retrain.kd.hidden_weight": Rule(float, ge=0),
     "protocol": Rule(choices=PROTOCOLS),
     "calibration": Rule(choices=("auto", "native", "shared")),
     "shared_calib.dataset": Rule(choices=CALIB_DATASETS),
@@ -268,5 +285,9 @@ def validate(cfg) -> None:
     if isinstance(lock, DictConfig) and lock.get("refresh_s", 0) >= lock.get("stale_s", math.inf):
         raise BenchError(f"lock.refresh_s={lock.refresh_s!r}: must be below lock.stale_s={lock.stale_s!r} (a live "
                          f"owner refreshes its lock well before others may take it over)")
+    data = lookup(cfg, "retrain.data")
+    if data is not ABSENT and not (data == "corpus" or (isinstance(data, str) and re.fullmatch(r"hub:[^:\s]+(:\S+)?",
+                                                                                              data))):
+        raise BenchError(f"retrain.data={data!r}: allowed values are corpus or hub:<dataset>[:<config>]")
     if isinstance(cfg.get("out_dir"), str):
         check_out_dir(cfg.out_dir)

@@ -8,6 +8,7 @@ on CUDA.
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import random
@@ -56,6 +57,14 @@ def data_root(tmp_path_factory):
     (root / "calibration").mkdir()
     book = ["front matter"] * 672 + _text(800, 2)
     (root / "calibration" / "pride_and_prejudice_pg1342.txt").write_text("\n".join(book) + "\n")
+    (root / "corpus" / "gutenberg").mkdir(parents=True)  # five small "books" for kd / cpt (bench/distill.py)
+    header = "pg_id\ttitle\tfile\n"
+    rows = []
+    for n, pg in enumerate((11, 26, 43, 45, 47)):
+        with gzip.open(root / "corpus" / "gutenberg" / f"{pg}-0.txt.gz", "wt", encoding="utf-8") as f:
+            f.write("\n".join(_text(60, 10 + n)) + "\n")
+        rows.append(f"{pg}\tbook {pg}\tgutenberg/{pg}-0.txt.gz\n")
+    (root / "corpus" / "MANIFEST.tsv").write_text(header + "".join(rows))
     (root / "alpaca").mkdir()
     instructions, outputs = _text(40, 3), _text(40, 4)
     records = [{"instruction": ins, "input": "" if i % 3 else instructions[i - 1], "output": out}

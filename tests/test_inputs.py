@@ -48,7 +48,9 @@ CASES = [
     (["eval.speed.warmup=-1"], "eval.speed.warmup=-1: must be >= 0"),
     (["eval.speed.repeats=0"], "eval.speed.repeats=0: must be >= 1"),
     (["eval.speed.min_time_s=-0.5"], "eval.speed.min_time_s=-0.5: must be >= 0"),
-    (["retrain=full"], "retrain='full': allowed values are none, lora"),
+    (["retrain=kd", "retrain.params=half"], "retrain.params='half': allowed values are full, lora"),
+    (["retrain=cpt", "retrain.data=c4"], "retrain.data='c4': allowed values are corpus or hub:<dataset>[:<config>]"),
+    (["retrain=kd", "retrain.kd.temperature=0"], "retrain.kd.temperature=0: must be > 0"),
     (["calibration=mine"], "calibration='mine': allowed values are auto, native, shared"),
     (["protocol=paper"], "protocol='paper': allowed values are matched, native"),
     (["lora.r=0"], "lora.r=0: must be >= 1"),
@@ -90,6 +92,13 @@ def test_bad_input_is_one_line_error_before_the_model_loads(overrides, message, 
     assert not (tmp_path / "results").exists()  # nothing written: no cell directory
 
 
+def test_unknown_retraining_regime_is_one_line():
+    from bench.config import compose
+
+    with pytest.raises(BenchError, match=r"^retrain='full': allowed values are cpt, kd, lora, none$"):
+        compose(["retrain=full"])
+
+
 def test_good_inputs_pass(cfg_for, tmp_path, no_model):
     """The shipped configs and the documented alternatives validate."""
     (tmp_path / "plan.json").write_text('{"kind": "depth"}')
@@ -98,6 +107,7 @@ def test_good_inputs_pass(cfg_for, tmp_path, no_model):
     for overrides in (["eval=quick"], ["eval=full"], ["model=smollm2-135m", "+sweep=default"],
                       ["model=llama-7b", "shape_only=true", "eval.stages=[speed]"], ["+sweep=efficiency"],
                       ["retrain=lora", "lora.max_steps=24"], ["eval.zeroshot.batch_size=auto", "dtype=bf16"],
+                      ["retrain=kd", "retrain.data=hub:HuggingFaceFW/fineweb-edu:sample-10BT"], ["retrain=cpt"],
                       ["model=hf", f"model.path={tmp_path}"], ["model=hf", "model.path=org/name"],
                       [f"plan_file={tmp_path / 'plan.json'}"], ["eval.ppl.max_windows=null", "eval.stages=[]"]):
         validate(cfg_for(*tiny_unless_named(overrides)))
