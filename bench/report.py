@@ -34,6 +34,7 @@ from bench import stats
 from bench.records import EXAMPLES, RECORDS, load_records, read_examples, write_atomic
 
 KEYS = ["model", "method", "ratio"]
+RETRAIN_ORDER = ["none", "lora", "kd", "cpt"]  # rows grouped by retraining regime; verdicts within a regime
 PPL_COLUMNS = [("wikitext2", "ppl", "WikiText2"), ("ptb", "ppl", "PTB"),
                ("wikitext2", "ppl_bos", "WikiText2 (BOS)"), ("ptb", "ppl_bos", "PTB (BOS)")]
 ZEROSHOT_COLUMNS = [("boolq", "BoolQ"), ("piqa", "PIQA"), ("hellaswag", "HellaSwag"), ("winogrande", "WinoGrande"),
@@ -74,8 +75,10 @@ def llamacpp_rows(df: pd.DataFrame) -> pd.DataFrame:
 
 def main_table(df: pd.DataFrame) -> pd.DataFrame:
     """One row per model x method x ratio; value, stderr and n columns per metric."""
-    base = df.groupby(KEYS, as_index=False).agg(kind=("kind", "first"), params=("params", "first"),
-                                                removed_pct=("removed_frac_total_params", "first"))
+    retrain = df["retrain"].fillna("none") if "retrain" in df else pd.Series("none", index=df.index)
+    base = df.assign(retrain=retrain).groupby(KEYS, as_index=False).agg(
+        kind=("kind", "first"), retrain=("retrain", "first"), params=("params", "first"),
+        removed_pct=("removed_frac_total_params", "first"))
     base["removed_pct"] *= 100
     ppl = df[df.stage == "ppl"]
     for task, metric, col in PPL_COLUMNS:
@@ -103,7 +106,9 @@ def main_table(df: pd.DataFrame) -> pd.DataFrame:
             base = _column(base, at[at.metric == "speedup"], f"llama.cpp {quant} speedup bs{b:g}")
         base = _column(base, at_quant[at_quant.metric == "roofline_frac"], f"llama.cpp {quant} roofline bs1")
     base["_kind"] = base.kind.map({"dense": 0, "depth": 1, "width": 2, "slice": 2}).fillna(3)
-    return base.sort_values(["model", "ratio", "_kind", "method"]).drop(columns="_kind").reset_index(drop=True)
+    base["_retrain"] = base.retrain.map({r: i for i, r in enumerate(RETRAIN_ORDER)}).fillna(len(RETRAIN_ORDER))
+    return base.sort_values(["model", "ratio", "_retrain", "_kind", "method"]).drop(
+        columns=["_kind", "_retrain"]).reset_index(drop=True)
 
 
 def metric_columns(table: pd.DataFrame) -> list[str]:
@@ -427,7 +432,7 @@ def paired_table(results_dir: str | Path, df: pd.DataFrame | None = None,
     for _, row in table[table.kind != "dense"].iterrows():
         dense = table[(table.model == row.model) & (table.kind == "dense")]
         other = table[(table.model == row.model) & (table.ratio == row.ratio) & (table.kind != "dense")
-                      & (table.kind.map(FAMILY) != FAMILY.get(row.kind))]
+                      & (table.kind.map(FAMILY) != FAMILY.get(row.kind)) & (table.retrain == row.retrain)]
         for col in _paired_metrics(table):
             if pd.isna(row[col]):
                 continue

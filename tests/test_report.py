@@ -206,3 +206,26 @@ def test_provenance_carries_versions_sweep_and_preset():
         assert prov[key] == version(dist), key
     assert prov["torch"] == torch.__version__
     assert provenance(compose(["eval=full"]), torch.device("cpu"), torch.float32)["eval_preset"] == "full"
+
+
+def test_rows_grouped_and_verdicts_taken_within_a_retraining_regime(tmp_path):
+    """A kd row is compared with the other family's best kd row, never with a one-shot one; rows come grouped by
+    regime (one-shot, lora, kd, cpt) whatever the method names."""
+    from bench.records import load_records
+    from bench.report import main_table, paired_table
+
+    cells = {"a": ("flap", "width", "none", 30.0), "b": ("dense", "dense", "none", 10.0),
+             "c": ("depth_ppl+", "depth", "none", 20.0), "d": ("flap+kd", "width", "kd", 12.0),
+             "e": ("depth_ppl++kd", "depth", "kd", 15.0), "f": ("angular+kd", "depth", "kd", 16.0)}
+    for name, (method, kind, regime, ppl) in cells.items():
+        (tmp_path / name).mkdir()
+        records = [r | {"retrain": regime} for r in rows(method, kind, 0.2 if kind != "dense" else 0.0,
+                                                         1000 if kind == "dense" else 800, ppl, 0.5)]
+        (tmp_path / name / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    table = main_table(load_records(tmp_path))
+    assert list(table.method) == ["dense", "depth_ppl+", "flap", "angular+kd", "depth_ppl++kd", "flap+kd"]
+    paired = paired_table(tmp_path)
+    against = paired[(paired.against != "dense")].groupby("method").against.agg(set).to_dict()
+    kd_depth = {"angular+kd", "depth_ppl++kd"}  # the best kd depth row of each metric (ties: the first)
+    assert against == {"depth_ppl+": {"flap"}, "flap": {"depth_ppl+"}, "depth_ppl++kd": {"flap+kd"},
+                       "angular+kd": {"flap+kd"}, "flap+kd": kd_depth}
