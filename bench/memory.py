@@ -212,6 +212,7 @@ class Shape:
     intermediate: int
     vocab: int
     tied: bool
+    qkv_bias: bool = False  # Qwen2: biases on q, k and v_proj
 
     @property
     def head_dim(self) -> int:
@@ -221,7 +222,7 @@ class Shape:
     def params(self) -> int:
         kv = self.kv_heads * self.head_dim
         block = 2 * self.hidden * self.hidden + 2 * self.hidden * kv + 3 * self.hidden * self.intermediate \
-            + 2 * self.hidden
+            + 2 * self.hidden + ((self.hidden + 2 * kv) if self.qkv_bias else 0)
         return self.layers * block + self.vocab * self.hidden * (1 if self.tied else 2) + self.hidden
 
     @classmethod
@@ -229,7 +230,8 @@ class Shape:
         return cls(layers=config.num_hidden_layers, hidden=config.hidden_size, heads=config.num_attention_heads,
                    kv_heads=getattr(config, "num_key_value_heads", None) or config.num_attention_heads,
                    intermediate=config.intermediate_size, vocab=config.vocab_size,
-                   tied=bool(getattr(config, "tie_word_embeddings", False)))
+                   tied=bool(getattr(config, "tie_word_embeddings", False)),
+                   qkv_bias=bool(getattr(config, "attention_bias", config.model_type == "qwen2")))
 
 
 def predict(shape: Shape, method: str = "depth_taylor", ratio: float = 0.2, dtype_bytes: int = 2,
@@ -415,14 +417,17 @@ def _main(argv: list[str]) -> None:
     method = cfg.method.get("name", "dense")
     fp32 = cfg.get("protocol") == "native" and method in GRADIENT_METHODS
     calib = cfg.shared_calib
+    # dtype=auto: bf16, as a GPU node runs the cell (the plan is for the accelerator); dtype=float32 for a CPU run
+    dtype = "bfloat16" if cfg.dtype == "auto" else str(cfg.dtype)
+    dtype_bytes = 4 if dtype == "float32" else 2
     pred = predict(shape, method=method, ratio=float(cfg.ratio), calib_batch=int(calib.n_samples),
                    calib_len=int(calib.seq_len), ppl_batch=int(cfg.eval.ppl.batch_size),
                    ppl_len=int(cfg.eval.ppl.seq_len),
                    zs_batch=int(cfg.eval.zeroshot.batch_size) if str(cfg.eval.zeroshot.batch_size).isdigit() else 8,
                    speed_batch=max(int(b) for b in cfg.eval.speed.batch_sizes),
                    speed_len=int(cfg.eval.speed.prompt_tokens) + max(int(n) for n in cfg.eval.speed.new_tokens),
-                   score_fp32=fp32)
-    print(f"{cfg.model.name}: {shape.params:,} params, bf16 weights {shape.params * 2 / 2**30:.2f} GiB; "
+                   score_fp32=fp32, dtype_bytes=dtype_bytes)
+    print(f"{cfg.model.name}: {shape.params:,} params, {dtype} weights {shape.params * dtype_bytes / 2**30:.2f} GiB; "
           f"method {method}, ratio {float(cfg.ratio):g}")
     print(table(pred))
     peak = max(v["total"] for v in pred.values())
