@@ -111,7 +111,7 @@ def test_refresh_moves_the_time_while_held(tmp_path):
     cell = tmp_path / "cell"
     with CellLock(cell, refresh_s=0.05) as lock:
         first = read_owner(cell / LOCK).refreshed_s
-        deadline = time.time() + 30
+        deadline = time.time() + 300  # a hang guard: the refresh comes every 0.05 s
         while read_owner(cell / LOCK).refreshed_s == first and time.time() < deadline:
             time.sleep(0.02)
         assert read_owner(cell / LOCK).refreshed_s > first
